@@ -1,0 +1,68 @@
+"""LoRA through peft: which modules to adapt per architecture, what stays trainable, merging.
+
+peft knows default target modules for many decoders; for the rest (ViT, VisionEncoderDecoder,
+custom models) `DEFAULT_TARGETS` names them, and `all-linear` is the last resort.
+"""
+
+from __future__ import annotations
+
+from finetune.errors import UserError
+from finetune.recipe import LoraSpec
+
+# model_type -> LoRA target module names, where peft has none or where we want more than its default.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (fan_in_fan_out=True)
+}
+
+
+def target_modules(model, spec: LoraSpec) -> list[str] | str:
+    if spec.target_modules is not None:
+        return spec.target_modules
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    if model_type in PEFT_DEFAULTS:
+        return list(PEFT_DEFAULTS[model_type])
+    return "all-linear"
+
+
+def uses_conv1d(model, targets) -> bool:
+    """GPT-2 style Conv1D layers store weights transposed: LoRA needs fan_in_fan_out=True."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = set(targets) if isinstance(targets, list) else set()
+    return any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in names for n, m in model.named_modules())
+
+
+def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig
+
+    targets = target_modules(model, spec)
+    keep = list(dict.fromkeys([*(modules_to_save or []), *(spec.modules_to_save or [])])) or None
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                      modules_to_save=keep, task_type=task_type, fan_in_fan_out=uses_conv1d(model, targets))
+
+
+def apply_lora(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None):
+    """Wrap `model` with a fresh LoRA adapter; the base weights are frozen."""
+    from peft import get_peft_model
+
+    config = lora_config(model, spec, task_type, modules_to_save)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules: {e}; set lora.target_modules to module names of this model "
+                        "(or 'all-linear')") from e
+
+
+def is_adapter_dir(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def merge_adapter(peft_model):
+    """Fold the LoRA weights into the base and return a plain transformers model."""
+    return peft_model.merge_and_unload()

@@ -1,0 +1,227 @@
+"""Data: load splits from files, folders or the Hub, check columns, tokenize, pack.
+
+`load_splits` returns (train, eval) `datasets.Dataset`s; when the recipe names no eval data, a
+small validation split is held out of train with the recipe's seed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.recipe import DataSpec
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def looks_like_file(name: str) -> bool:
+    return Path(name).suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~"))
+
+
+def load_source(name: str, key: str, split: str = "train"):
+    """One `datasets.Dataset` from a local file, a folder, or a Hub dataset name."""
+    import datasets
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise UserError(f"{key}: cannot read '{name}': use .jsonl, .json, .csv, .parquet or .txt")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir():
+            ds = load_folder(path, key)
+        elif looks_like_file(name):
+            raise UserError(f"{key}: no such file '{name}'")
+        else:
+            from finetune.models import hub_reachable
+
+            if not hub_reachable():
+                raise UserError(f"{key}: '{name}' is not a local file or folder, and the Hugging Face Hub is "
+                                "unreachable (or HF_HUB_OFFLINE=1); pass a local file")
+            ds = datasets.load_dataset(name, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable files
+        from finetune.models import first_line
+
+        raise UserError(f"{key}: could not read '{name}': {first_line(e)}") from e
+    if len(ds) == 0:
+        raise UserError(f"{key}: '{name}' has no rows")
+    return ds
+
+
+def load_folder(path: Path, key: str):
+    """A folder of images (imagefolder: <class>/<file> or metadata.jsonl) or of data files."""
+    import datasets
+
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()]
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    data_files = [p for p in files if p.suffix.lower() in FILE_BUILDERS]
+    suffixes = {FILE_BUILDERS[p.suffix.lower()] for p in data_files}
+    if not data_files:
+        raise UserError(f"{key}: folder '{path}' holds no data files (.jsonl, .json, .csv, .parquet, .txt) or images")
+    if len(suffixes) > 1:
+        raise UserError(f"{key}: folder '{path}' mixes file types; keep one kind of file per folder")
+    return datasets.load_dataset(suffixes.pop(), data_files=[str(p) for p in data_files], split="train")
+
+
+def load_splits(spec: DataSpec, seed: int = 42):
+    """(train, eval) datasets; eval is held out of train when `spec.eval` is unset."""
+    train = load_source(spec.train, "data.train", spec.train_split)
+    if spec.eval:
+        eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation")
+    elif spec.eval_split:
+        eval_ds = load_source(spec.train, "data.train", spec.eval_split)
+    elif spec.eval_fraction > 0 and len(train) >= 4:
+        n_eval = max(1, round(len(train) * spec.eval_fraction))
+        parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        train, eval_ds = parts["train"], parts["test"]
+    else:
+        eval_ds = None
+    if spec.max_samples and len(train) > spec.max_samples:
+        train = train.select(range(spec.max_samples))
+    if eval_ds is not None and spec.max_eval_samples and len(eval_ds) > spec.max_eval_samples:
+        eval_ds = eval_ds.select(range(spec.max_eval_samples))
+    return train, eval_ds
+
+
+def require_columns(ds, columns: dict[str, str], source: str) -> None:
+    """`columns` maps recipe key -> column name; one problem per missing column."""
+    problems = []
+    for key, column in columns.items():
+        if column not in ds.column_names:
+            problems.append(f"{key}: no column '{column}' in {source}; its columns are: "
+                            f"{', '.join(ds.column_names)}. Set {key} to one of them")
+    if problems:
+        raise UserError(problems)
+
+
+def empty_rows(ds, column: str) -> list[int]:
+    return [i for i, t in enumerate(ds[column]) if t is None or (isinstance(t, str) and not t.strip())]
+
+
+def drop_empty(ds, column: str):
+    return ds.filter(lambda t: t is not None and bool(str(t).strip()), input_columns=column)
+
+
+# ---------------------------------------------------------------------------------------
+# Causal-LM tokenization and packing
+
+
+def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: bool):
+    """Token ids per document with eos appended (so the model learns to stop).
+
+    Documents longer than `max_length` are cut to it, or, with `split_long` (packing), split
+    into consecutive pieces of at most `max_length` tokens, so no text is lost.
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
+        out = []
+        for doc in ids:
+            doc = doc + [eos] if eos is not None else doc
+            if split_long:
+                out.extend(doc[i:i + max_length] for i in range(0, len(doc), max_length))
+            else:
+                out.append(doc[:max_length])
+        return {"input_ids": out}
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+
+
+def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: groups of document indices whose lengths sum to <= capacity.
+
+    Documents are never split across bins, so each bin trains on whole documents; every length
+    must already be <= capacity.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), kept sorted
+    for i in order:
+        n = lengths[i]
+        # the fullest bin that still fits n (best fit) keeps bins dense
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos < len(free):
+            room, b = free.pop(pos)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+    return bins
+
+
+def packed_dataset(tokenized, max_length: int):
+    """Rows of several whole documents: input_ids, position_ids restarting at 0 per document,
+    and labels with each document's first token masked (never predicted from the previous one).
+
+    transformers builds a block-diagonal causal mask from position_ids that restart, as long
+    as no attention_mask is passed and the model runs without a cache (use_cache=False).
+    """
+    import datasets
+
+    docs = tokenized["input_ids"]
+    rows: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "labels": []}
+    for group in pack_documents([len(d) for d in docs], max_length):
+        ids, pos, labels = [], [], []
+        for i in sorted(group):
+            doc = docs[i]
+            ids += doc
+            pos += list(range(len(doc)))
+            labels += [-100] + doc[1:]
+        rows["input_ids"].append(ids)
+        rows["position_ids"].append(pos)
+        rows["labels"].append(labels)
+    return datasets.Dataset.from_dict(rows)
+
+
+class CausalCollator:
+    """Pads a batch on the right. Labels are masked by position (padding only), never by token id,
+    so an eos inside the text is always learned. Packed rows get no attention_mask (their
+    position_ids carry the document boundaries); padding then continues as a separate segment.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        packed = "position_ids" in features[0]
+        batch: dict[str, list] = {"input_ids": [], "labels": []}
+        batch["position_ids" if packed else "attention_mask"] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = longest - len(ids)
+            labels = list(f["labels"]) if "labels" in f else list(ids)
+            batch["input_ids"].append(ids + [self.pad_id] * pad)
+            batch["labels"].append(labels + [-100] * pad)
+            if packed:
+                batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {"count": 0}
+    s = sorted(lengths)
+    return {"count": len(s), "min": s[0], "mean": sum(s) / len(s), "p50": s[len(s) // 2],
+            "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1]}
+
+
+def cpu_count() -> int:
+    return max(1, (os.cpu_count() or 1))

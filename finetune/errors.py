@@ -1,0 +1,28 @@
+"""The one exception a user is meant to see: a list of problems, each naming its fix.
+
+The CLI prints every problem on its own line and exits with code 2, without a traceback
+(`--debug` shows it). Code anywhere in the package raises `UserError` for bad input; any
+other exception is a bug and is reported as one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` when a close match exists, else an empty string."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
+        raise UserError(problems)

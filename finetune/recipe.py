@@ -1,0 +1,295 @@
+"""The recipe schema: every knob of a run, typed, with its default and why.
+
+A recipe is YAML. It is read with `yaml.safe_load`, merged with command-line flags and
+`--set key=value` overrides (in that order), and validated once, after merging, so a typo on
+the command line fails exactly like a typo in the file:
+
+    train.lerning_rate: unknown key (did you mean 'learning_rate'?)
+
+Unknown keys are errors. Every problem is reported at once. The validated `Recipe` object
+travels all the way down to the task; it is never turned back into a dict.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finetune.errors import UserError, did_you_mean
+
+# Task name -> module under finetune/tasks. The CLI imports the module only when it runs.
+TASKS: dict[str, str] = {
+    "clm": "finetune.tasks.clm",
+    # encoder, encoder-decoder and vision
+    "mlm": "finetune.tasks.mlm",
+    "classification": "finetune.tasks.classification",
+    "translation": "finetune.tasks.translation",
+    "image-classification": "finetune.tasks.image_classification",
+    "captioning": "finetune.tasks.captioning",
+    # RLHF
+    "reward": "finetune.tasks.reward",
+    "dpo": "finetune.tasks.dpo",
+    "ppo": "finetune.tasks.ppo",
+    "grpo": "finetune.tasks.grpo",
+}
+
+Method = Literal["lora", "full", "pretrain"]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSpec(Spec):
+    name: str | None = None  # Hub id (gpt2) or a local directory written by save_pretrained
+    config: str | None = None  # pretrain only: a size preset (tiny, small, gpt2) or a config.json path
+    tokenizer: str | None = None  # defaults to `name`; pretrain trains one on the corpus when unset
+    vocab_size: int = Field(8000, gt=255)  # size of a tokenizer trained on the corpus
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights as loaded
+    revision: str | None = None  # Hub branch, tag or commit
+    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+
+
+class DataSpec(Spec):
+    train: str | None = None  # .jsonl/.json/.csv/.parquet/.txt file, a folder, or a Hub dataset name
+    eval: str | None = None  # same forms; unset: hold out `eval_fraction` of train
+    train_split: str = "train"  # split names for Hub datasets
+    eval_split: str | None = None
+    text_column: str = "text"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out when `eval` is unset
+    max_eval_samples: int | None = Field(500, gt=0)  # keeps evaluation quick; null: all
+    max_samples: int | None = Field(None, gt=0)  # cap on training examples (debugging)
+    max_length: int | None = Field(None, gt=1)  # tokens per example (unset: the model's context, at most 1024);
+    # longer examples are cut, or split when packing (validate counts them)
+    packing: bool = False  # clm: pack short documents into full blocks, boundaries respected
+
+
+class LoraSpec(Spec):
+    r: int = Field(16, gt=0)  # rank: higher adapts more, costs more memory
+    alpha: int = Field(32, gt=0)  # scale is alpha / r
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] | None = None  # null: finetune's choice per architecture
+    modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter
+
+
+class QuantSpec(Spec):
+    bits: Literal[4, 8] | None = None  # QLoRA: load the base in 4 or 8 bits (bitsandbytes)
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class TrainSpec(Spec):
+    output_dir: str | None = None  # unset: runs/<model>-<task>-<method>
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float | None = Field(None, gt=0)  # unset: 2e-4 LoRA, 5e-5 full, 1e-3 pretrain
+    batch_size: int = Field(8, gt=0)  # per device
+    eval_batch_size: int | None = Field(None, gt=0)  # unset: batch_size
+    grad_accum: int = Field(1, gt=0)  # effective batch = batch_size * grad_accum * processes
+    warmup: float = Field(0.0, ge=0)  # < 1: fraction of the steps; >= 1: a number of steps
+    scheduler: str = "linear"  # any transformers scheduler name (cosine, constant, ...)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0)  # unset: evaluate once, at the end
+    save_steps: int = Field(500, gt=0)  # checkpoint every N steps (what --resume continues from)
+    save_total_limit: int | None = Field(2, gt=0)
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False  # trade compute for memory
+    num_processes: int = Field(1, gt=0)  # data-parallel processes through accelerate
+    trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
+
+
+# --- task sections: encoder, encoder-decoder and vision tasks ---
+
+
+# --- task sections: RLHF ---
+
+
+class Recipe(Spec):
+    task: str = "clm"
+    method: Method = "lora"  # set by the command: finetune lora | full | pretrain
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    lora: LoraSpec = LoraSpec()
+    quant: QuantSpec = QuantSpec()
+    train: TrainSpec = TrainSpec()
+    # --- task section fields (optional, None when unused): encoder, encoder-decoder and vision ---
+
+    # --- task section fields: RLHF ---
+
+    def problems(self) -> list[str]:
+        """Contradictions between fields, phrased as the keys the user wrote."""
+        out = []
+        if self.task not in TASKS:
+            out.append(f"task: unknown task '{self.task}'{did_you_mean(self.task, TASKS)}; "
+                       f"choose one of: {', '.join(TASKS)}")
+        if self.method == "pretrain":
+            if self.model.name and self.model.config:
+                out.append("model.name and model.config: pretraining builds the model from model.config; "
+                           "drop model.name (or use `finetune full` to continue training a checkpoint)")
+        elif not self.model.name:
+            out.append(f"model.name: required for `finetune {self.method}`; pass --model <Hub id or directory>")
+        if not self.data.train:
+            out.append("data.train: required; pass --data <file, folder or Hub dataset>")
+        if self.train.bf16 and self.train.fp16:
+            out.append("train.bf16 and train.fp16: choose one precision")
+        if self.quant.bits and self.method != "lora":
+            out.append(f"quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune {self.method}`")
+        return out
+
+    @property
+    def learning_rate(self) -> float:
+        if self.train.learning_rate is not None:
+            return self.train.learning_rate
+        return {"lora": 2e-4, "full": 5e-5, "pretrain": 1e-3}[self.method]
+
+    @property
+    def output_dir(self) -> Path:
+        if self.train.output_dir:
+            return Path(self.train.output_dir)
+        base = self.model.name or self.model.config or "model"
+        return Path("runs") / f"{Path(base.rstrip('/')).name}-{self.task}-{self.method}"
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data = {k: v for k, v in data.items() if v is not None}
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: file or built-in name -> dict -> overrides -> validated Recipe
+
+
+def recipes_dir() -> Path:
+    """Built-in recipes: inside the wheel (finetune/recipes) or the source tree (recipes/)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return here / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        raise UserError(f"recipe: no such file '{name_or_path}'")
+    raise UserError(f"recipe: '{name_or_path}' is neither a file nor a built-in recipe"
+                    f"{did_you_mean(name_or_path, builtin)}; `finetune recipes list` shows the built-in ones")
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"recipe {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 0.0001). Values are YAML scalars."""
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key=value, for example --set train.learning_rate=1e-4")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {item}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parts[:i + 1])}: is a value, not a section; cannot set '{key}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Names of the fields of the schema class found by walking `loc` from `model`."""
+    cls: Any = model
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = Recipe) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, str))
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _field_names(model, loc[:-1]))
+            problems.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "literal_error":
+            problems.append(f"{key}: {e['msg'][0].lower()}{e['msg'][1:]}, got {e['input']!r}")
+        else:
+            msg = e["msg"]
+            msg = msg[0].lower() + msg[1:]
+            got = e.get("input")
+            suffix = f", got {got!r}" if not isinstance(got, dict) and e["type"] != "missing" else ""
+            problems.append(f"{key}: {msg}{suffix}")
+    return problems
+
+
+def build_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> Recipe:
+    """Merge flags (`overrides`, dotted keys) then `--set` items into `data` and validate once."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    for item in sets or []:
+        set_dotted(data, *parse_override(item))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from e
+    problems = recipe.problems()
+    if problems:
+        raise UserError(problems)
+    return recipe
+
+
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> Recipe:
+    data = read_recipe_file(find_recipe(name_or_path)) if name_or_path else {}
+    return build_recipe(data, overrides, sets)

@@ -1,0 +1,307 @@
+"""What every task shares around `Trainer.train()`: the run directory, TrainingArguments from the
+recipe, the per-step log, resume, metrics, the model card and the closing summary.
+
+A run directory explains itself:
+
+    recipe.yaml      the resolved recipe; `finetune <method> DIR/recipe.yaml` runs it again
+    log.jsonl        one line per logging step (step, loss, learning rate, grad norm, tokens/s)
+    metrics.json     final numbers
+    README.md        model card: base, data, recipe, metrics, how to use it
+    checkpoints/     what --resume continues from
+    <model files>    adapter_model.safetensors + adapter_config.json (LoRA) or model.safetensors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError, did_you_mean
+from finetune.recipe import Recipe
+
+RUN_MARKERS = ("recipe.yaml", "checkpoints", "metrics.json", "adapter_config.json", "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_child() -> bool:
+    """True inside a process started by `finetune ... --num-processes N` (the parent checked the run)."""
+    return os.environ.get("FINETUNE_CHILD") == "1"
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints that were written to the end (trainer_state.json is saved last), oldest first.
+
+    A half-written checkpoint-N (a run killed while saving) is skipped, so resuming falls back
+    to the previous one instead of crashing.
+    """
+    ckpt_root = run_dir / "checkpoints"
+    found = []
+    for d in ckpt_root.glob("checkpoint-*"):
+        step = d.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (d / "trainer_state.json").is_file():
+            found.append((int(step), d))
+    return [d for _, d in sorted(found)]
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to touch an earlier run unless the user said --overwrite or --resume."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume: choose one (--resume continues the run, --overwrite replaces it)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output: '{run_dir}' is a file; choose a directory")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not exists or not complete_checkpoints(run_dir):
+            raise UserError(f"--resume: no complete checkpoint in '{run_dir / 'checkpoints'}'; "
+                            "run without --resume to start afresh")
+        return
+    if not exists:
+        return
+    if not is_run_dir(run_dir):
+        raise UserError(f"--output: '{run_dir}' is not empty and holds no finetune run; choose another directory")
+    if not overwrite:
+        raise UserError(f"--output: '{run_dir}' already holds a run; pass --resume to continue it, --overwrite "
+                        "to replace it, or choose another --output")
+    shutil.rmtree(run_dir)
+
+
+def start_run(recipe: Recipe) -> Path:
+    """Create the run directory and write the resolved recipe first, so even an interrupted run
+    says how it was made. Only the main process writes."""
+    run_dir = recipe.output_dir
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    return run_dir
+
+
+def resume_checkpoint(run_dir: Path) -> str | None:
+    ckpts = complete_checkpoints(run_dir)
+    return str(ckpts[-1]) if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------
+# TrainingArguments
+
+
+def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defaults: Any):
+    """TrainingArguments (or a subclass such as Seq2SeqTrainingArguments / trl configs) from the
+    recipe. Precedence: recipe.train fields < task defaults < recipe.train.trainer_args."""
+    import torch
+
+    if args_cls is None:
+        from transformers import TrainingArguments as args_cls
+
+    t = recipe.train
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        learning_rate=recipe.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    if recipe.method == "lora":
+        kwargs["ddp_find_unused_parameters"] = False
+    kwargs.update(task_defaults)
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    if "activation_checkpointing" in fields:  # the transformers >= 5.2x name
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    unknown = [k for k in t.trainer_args if k not in fields]
+    if unknown:
+        raise UserError([f"train.trainer_args.{k}: not a {args_cls.__name__} field{did_you_mean(k, fields)}"
+                         for k in unknown])
+    kwargs.update(t.trainer_args)
+    kwargs = {k: v for k, v in kwargs.items() if k in fields}
+    try:
+        return args_cls(**kwargs)
+    except ValueError as e:
+        raise UserError(f"train: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+
+
+def log_callback(run_dir: Path, resume_step: int = 0):
+    """A TrainerCallback writing log.jsonl on the main process. On resume, lines after the
+    checkpoint's step are dropped so the log reads as one uninterrupted run."""
+    from transformers import TrainerCallback
+
+    path = run_dir / "log.jsonl"
+
+    class JsonlLog(TrainerCallback):
+        def __init__(self):
+            self.last_time = None
+            self.last_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            lines = path.read_text().splitlines() if path.exists() else []
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+            self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if "loss" in logs and self.last_time is not None:
+                tokens = state.num_input_tokens_seen
+                elapsed = max(now - self.last_time, 1e-9)
+                record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1)
+                self.last_time, self.last_tokens = now, tokens
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return JsonlLog()
+
+
+def last_logged(run_dir: Path, key: str) -> float | None:
+    path = run_dir / "log.jsonl"
+    if not path.exists():
+        return None
+    values = [json.loads(ln).get(key) for ln in path.read_text().splitlines() if ln.strip()]
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics, model card, summary
+
+
+def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, model) -> dict[str, Any]:
+    from finetune.models import count_parameters
+
+    state = trainer.state
+    runtime = train_output.metrics.get("train_runtime", 0.0)
+    trainable, total = count_parameters(model)
+    tokens = int(state.num_input_tokens_seen)
+    metrics: dict[str, Any] = {
+        "train_loss": round(train_output.training_loss, 6),
+        "final_train_loss": last_logged(Path(trainer.args.output_dir).parent, "loss"),
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0, 4),
+        "tokens_seen": tokens,
+        "runtime_s": round(runtime, 2),
+        "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "world_size": trainer.args.world_size,
+    }
+    for k, v in (eval_metrics or {}).items():
+        if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("_runtime", "per_second")):
+            metrics[k] = round(v, 6)
+    if "eval_loss" in metrics:
+        metrics["perplexity"] = round(math.exp(min(metrics["eval_loss"], 50.0)), 4)
+    return metrics
+
+
+def model_card(recipe: Recipe, metrics: dict[str, Any], usage: str) -> str:
+    base = recipe.model.name or f"a new model from config '{recipe.model.config or 'tiny'}'"
+    what = {"lora": "a LoRA adapter (peft)", "full": "a full fine-tune", "pretrain": "a model pre-trained from scratch"}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items() if v is not None)
+    return f"""---
+library_name: {'peft' if recipe.method == 'lora' else 'transformers'}
+base_model: {recipe.model.name or 'none'}
+tags: [finetune, {recipe.task}, {recipe.method}]
+---
+# {recipe.output_dir.name}
+
+{what[recipe.method].capitalize()} for the `{recipe.task}` task, made with [finetune](https://pypi.org/project/finetune/).
+
+- **Base**: {base}
+- **Training data**: {recipe.data.train}
+- **Evaluation data**: {recipe.data.eval or f'{recipe.data.eval_fraction:.0%} held out of the training data'}
+- **Recipe**: `recipe.yaml` in this directory; run it again with `finetune {recipe.method} recipe.yaml`
+
+## Metrics
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Use
+
+{usage}
+"""
+
+
+def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: str, next_steps: list[str]) -> None:
+    """Write metrics.json and the model card, then print where everything is and what to run next."""
+    if not is_main_process():
+        return
+    # A pickled copy of TrainingArguments: not needed to load the model, and it would hold a Hub
+    # token in plain text if one was passed.
+    (run_dir / "training_args.bin").unlink(missing_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run_dir / "README.md").write_text(model_card(recipe, metrics, usage))
+    print_summary(recipe, run_dir, metrics, next_steps)
+
+
+def print_summary(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], next_steps: list[str]) -> None:
+    shown = ["final_train_loss", "eval_loss", "perplexity", "eval_accuracy", "eval_f1", "eval_bleu",
+             "tokens_seen", "tokens_per_s", "runtime_s", "trainable_params", "total_params"]
+    lines = [f"\nfinetune {recipe.method} ({recipe.task}) finished: {run_dir}/"]
+    for k in shown:
+        if metrics.get(k) is not None:
+            v = metrics[k]
+            if k.endswith("_params"):
+                v = f"{v:,}"
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            lines.append(f"  {k:<18} {v}")
+    lines.append(f"  {'files':<18} {run_dir}/{{recipe.yaml, metrics.json, log.jsonl, README.md, checkpoints/}}")
+    if next_steps:
+        lines.append("next:")
+        lines += [f"  {s}" for s in next_steps]
+    print("\n".join(lines), flush=True)

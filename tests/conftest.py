@@ -1,0 +1,75 @@
+"""Tiny models and tokenizers, built once per test session and loaded by path (no Hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_EVALUATE_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+COLORS = ["red", "green", "blue", "yellow", "black", "white"]
+ANIMALS = ["cat", "dog", "bird", "fish", "horse", "mouse"]
+PLACES = ["mat", "roof", "tree", "box", "bed", "chair"]
+
+
+def toy_sentences(n: int, seed: int = 0) -> list[str]:
+    """A learnable corpus: a fixed template with random slots."""
+    rng = random.Random(seed)
+    return [f"the {rng.choice(COLORS)} {rng.choice(ANIMALS)} sat on the {rng.choice(PLACES)}."
+            for _ in range(n)]
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory) -> str:
+    """A 2-layer GPT-2 (hidden 32) with a BPE tokenizer that has a pad token distinct from eos."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from finetune.models import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt")
+    tok = train_bpe_tokenizer(toy_sentences(500, seed=1), vocab_size=300)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_nopad(tmp_path_factory, tiny_gpt) -> str:
+    """The same model with a tokenizer whose pad token is eos (as GPT-2's)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt-nopad")
+    shutil.copytree(tiny_gpt, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    return write_jsonl(path, [{"text": t} for t in toy_sentences(400)])
