@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError, did_you_mean
+from finetune.metrics import perplexity
 from finetune.recipe import Recipe
 
 RUN_MARKERS = ("recipe.yaml", "checkpoints", "metrics.json", "adapter_config.json", "model.safetensors")
@@ -242,7 +242,7 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
         if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("_runtime", "per_second")):
             metrics[k] = round(v, 6)
     if "eval_loss" in metrics:
-        metrics["perplexity"] = round(math.exp(min(metrics["eval_loss"], 50.0)), 4)
+        metrics["perplexity"] = round(perplexity(metrics["eval_loss"]), 4)
     return metrics
 
 

@@ -73,3 +73,27 @@ def tiny_gpt_nopad(tmp_path_factory, tiny_gpt) -> str:
 def toy_text(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     return write_jsonl(path, [{"text": t} for t in toy_sentences(400)])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args: str, cwd=None, timeout: int = 600):
+    """Run `python -m finetune ARGS` in a subprocess (the real entry point) with this checkout first
+    on the path; returns the CompletedProcess with stdout/stderr as text."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def invoke(*args: str):
+    """Run the CLI in this process (fast); returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
