@@ -7,7 +7,6 @@ small validation split is held out of train with the recipe's seed.
 from __future__ import annotations
 
 import bisect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ def looks_like_file(name: str) -> bool:
     return Path(name).suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~"))
 
 
-def load_source(name: str, key: str, split: str = "train"):
+def load_source(name: str, key: str, split: str = "train", config: str | None = None):
     """One `datasets.Dataset` from a local file, a folder, or a Hub dataset name."""
     import datasets
 
@@ -43,7 +42,7 @@ def load_source(name: str, key: str, split: str = "train"):
             if not hub_reachable():
                 raise UserError(f"{key}: '{name}' is not a local file or folder, and the Hugging Face Hub is "
                                 "unreachable (or HF_HUB_OFFLINE=1); pass a local file")
-            ds = datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset(name, config, split=split)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files
@@ -73,11 +72,11 @@ def load_folder(path: Path, key: str):
 
 def load_splits(spec: DataSpec, seed: int = 42):
     """(train, eval) datasets; eval is held out of train when `spec.eval` is unset."""
-    train = load_source(spec.train, "data.train", spec.train_split)
+    train = load_source(spec.train, "data.train", spec.train_split, spec.config)
     if spec.eval:
-        eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation")
+        eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation", spec.config)
     elif spec.eval_split:
-        eval_ds = load_source(spec.train, "data.train", spec.eval_split)
+        eval_ds = load_source(spec.train, "data.train", spec.eval_split, spec.config)
     elif spec.eval_fraction > 0 and len(train) >= 4:
         n_eval = max(1, round(len(train) * spec.eval_fraction))
         parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
@@ -222,6 +221,3 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     return {"count": len(s), "min": s[0], "mean": sum(s) / len(s), "p50": s[len(s) // 2],
             "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1]}
 
-
-def cpu_count() -> int:
-    return max(1, (os.cpu_count() or 1))

@@ -16,7 +16,7 @@ from finetune.errors import UserError
 from finetune.recipe import ModelSpec, QuantSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "tokenizer.model", "preprocessor_config.json")
+                   "tokenizer.model")
 
 # Decoder size presets for `finetune pretrain` (GPT-2 architecture).
 GPT_PRESETS: dict[str, dict[str, int]] = {

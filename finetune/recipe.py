@@ -57,6 +57,7 @@ class ModelSpec(Spec):
 class DataSpec(Spec):
     train: str | None = None  # .jsonl/.json/.csv/.parquet/.txt file, a folder, or a Hub dataset name
     eval: str | None = None  # same forms; unset: hold out `eval_fraction` of train
+    config: str | None = None  # Hub dataset configuration name (wmt16: de-en)
     train_split: str = "train"  # split names for Hub datasets
     eval_split: str | None = None
     text_column: str = "text"
@@ -220,6 +221,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 

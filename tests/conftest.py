@@ -97,3 +97,42 @@ def invoke(*args: str):
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
+
+
+def toy_questions(n: int, seed: int = 0) -> list[str]:
+    """A second learnable corpus, with the words of the first in a new template."""
+    rng = random.Random(seed)
+    return [f"where did the {rng.choice(COLORS)} {rng.choice(ANIMALS)} sit? on the {rng.choice(PLACES)}."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_lm(tmp_path_factory, tiny_gpt) -> str:
+    """`tiny_gpt` after a short full pre-training on `toy_sentences`: a base that knows the words,
+    for fine-tuning tests (LoRA on a random base barely learns)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt-lm")
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    texts = [t + tok.eos_token for t in toy_sentences(2000, seed=2)]
+    model.train()
+    for step in range(150):
+        batch = tok(texts[(step * 16) % 2000:(step * 16) % 2000 + 16], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_qa_text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    return write_jsonl(path, [{"text": t} for t in toy_questions(400)])

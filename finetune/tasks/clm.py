@@ -127,23 +127,26 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes)."""
     problems, notes = [], []
     column = recipe.data.text_column
-    try:
-        train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
+    d = recipe.data
+    try:  # the files as they are (no held-out split), so that row numbers match the file
+        train_raw = D.load_source(d.train, "data.train", d.train_split, d.config)
+        eval_raw = D.load_source(d.eval, "data.eval", d.eval_split or "validation", d.config) if d.eval else None
     except UserError as e:
         return e.problems, notes
-    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+    for ds, key, source in ((train_raw, "data.train", d.train), (eval_raw, "data.eval", d.eval)):
         if ds is None:
             continue
         try:
-            D.require_columns(ds, {"data.text_column": column}, f"{key} '{getattr(recipe.data, key[5:]) or recipe.data.train}'")
+            D.require_columns(ds, {"data.text_column": column}, f"{key} '{source}'")
         except UserError as e:
             problems += e.problems
             continue
-        empty = D.empty_rows(ds, column)
+        empty = [i + 1 for i in D.empty_rows(ds, column)]
         if empty:
             problems.append(f"{key}: {len(empty)} empty texts (rows {', '.join(map(str, empty[:5]))}"
-                            f"{', ...' if len(empty) > 5 else ''}); remove them (training skips them)")
-        notes.append(f"{key}: {len(ds)} examples")
+                            f"{', ...' if len(empty) > 5 else ''} of '{source}'); remove them (training skips them)")
+        notes.append(f"{key}: {len(ds)} examples" + ("" if d.eval or key == "data.eval" else
+                                                     f", {d.eval_fraction:.0%} held out for evaluation"))
     if problems:
         return problems, notes
 
