@@ -21,7 +21,9 @@ cross-attention is trained in full and saved with them.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import warnings
 from pathlib import Path
 
 from finetune import data as D
@@ -48,6 +50,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     train_raw, eval_raw = load_data(recipe, spec)
 
     # 2. Image processor, tokenizer, model: encoder + decoder joined (or one combined checkpoint).
+    is_combined(recipe, spec)  # model.name and captioning.decoder agree, before anything loads
     processor = images.load_image_processor(recipe.model)
     tokenizer = load_caption_tokenizer(recipe, spec)
     model = build_model(recipe, spec, tokenizer)
@@ -63,7 +66,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 4. LoRA: adapters on self-attention and MLPs; cross-attention (new when joined) trains in full.
     if recipe.method == "lora":
-        model = apply_lora(model, recipe.lora, None, modules_to_save=new_modules(model))
+        with quiet_conv1d():
+            model = apply_lora(model, recipe.lora, None, modules_to_save=new_modules(model))
 
     # 5. Train; evaluation generates captions and scores them.
     run_dir = training.start_run(recipe)
@@ -85,6 +89,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         processor.save_pretrained(str(run_dir))
 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
+    for key in ("tokens_seen", "tokens_per_s"):  # images, not tokens, go in
+        metrics.pop(key, None)
+    metrics["samples_per_s"] = train_output.metrics.get("train_samples_per_second")
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
@@ -259,6 +266,15 @@ def set_generation(model, tokenizer, spec: CaptioningSpec, max_length: int, num_
     model.generation_config.num_beams = num_beams or spec.num_beams
 
 
+@contextlib.contextmanager
+def quiet_conv1d():
+    """peft warns each time it switches fan_in_fan_out between the ViT's Linear layers and GPT-2's
+    Conv1D layers; it sets it right per layer, so the warnings say nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+        yield
+
+
 def new_modules(model) -> list[str]:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     return [m for m in NEW_MODULES if m in names]
@@ -311,7 +327,8 @@ def load_trained(run_dir: Path, **kwargs):
 
     spec = recipe.captioning or CaptioningSpec()
     base = build_model(recipe, spec, AutoTokenizer.from_pretrained(str(run_dir)))
-    return PeftModel.from_pretrained(base, str(run_dir), **kwargs)
+    with quiet_conv1d():
+        return PeftModel.from_pretrained(base, str(run_dir), **kwargs)
 
 
 def caption(run_dir: Path, inputs: list[str] | None, data: str | None, num_beams: int | None = None,
@@ -359,10 +376,10 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     try:
         train, eval_ds = load_data(recipe, spec)
-        tokenizer = load_caption_tokenizer(recipe, spec)
-        images.load_image_processor(recipe.model)
         if not is_combined(recipe, spec):
             models.check_source(spec.decoder, "captioning.decoder")
+        tokenizer = load_caption_tokenizer(recipe, spec)
+        images.load_image_processor(recipe.model)
     except UserError as e:
         return e.problems, notes
     notes.append(f"data.train: {len(train)} captioned images" + (f"; data.eval: {len(eval_ds)}" if eval_ds else ""))

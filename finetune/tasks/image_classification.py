@@ -77,6 +77,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         (run_dir / "labels.json").write_text(json.dumps({"id2label": id2label}, indent=2) + "\n")
 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
+    for key in ("tokens_seen", "tokens_per_s", "perplexity"):  # images, not tokens; no perplexity of labels
+        metrics.pop(key, None)
+    metrics["samples_per_s"] = train_output.metrics.get("train_samples_per_second")
     metrics["num_labels"] = len(names)
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
@@ -268,7 +271,8 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         train, eval_ds, names = load_data(recipe, spec)
     except UserError as e:
         return e.problems, notes
-    counts = [train["label"].count(i) for i in range(len(names))]
+    labels = list(train["label"])
+    counts = [labels.count(i) for i in range(len(names))]
     notes.append(f"data.train: {len(train)} images, {len(names)} classes: "
                  + ", ".join(f"{n} ({c})" for n, c in zip(names, counts)))
     if eval_ds is not None:

@@ -105,7 +105,7 @@ def text_pairs(ds, spec: TranslationSpec, key: str, source: str, warn: bool = Fa
     import datasets
 
     if spec.source_lang and spec.target_lang and "translation" in ds.column_names:
-        pairs = ds["translation"]
+        pairs = list(ds["translation"])
         found = sorted(set().union(*(p.keys() for p in pairs if isinstance(p, dict))))
         for field, lang in (("source_lang", spec.source_lang), ("target_lang", spec.target_lang)):
             if lang not in found:
@@ -119,7 +119,7 @@ def text_pairs(ds, spec: TranslationSpec, key: str, source: str, warn: bool = Fa
                             "translation.source_lang and translation.target_lang (e.g. en and de) to pick one")
         D.require_columns(ds, {"translation.source_column": spec.source_column,
                                "translation.target_column": spec.target_column}, f"{key} '{source}'")
-        sources, targets = ds[spec.source_column], ds[spec.target_column]
+        sources, targets = list(ds[spec.source_column]), list(ds[spec.target_column])
     keep = [i for i, (s, t) in enumerate(zip(sources, targets)) if s and t and str(s).strip() and str(t).strip()]
     if len(keep) < len(sources) and warn:
         empty = [i for i in range(len(sources)) if i not in set(keep)]
@@ -245,8 +245,8 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
             if not with_targets:
                 ds = ds.add_column(spec.target_column, ["-"] * len(ds))
             pairs = text_pairs(ds, spec, "--data", data)
-            texts = pairs["source"]
-            references = pairs["target"] if with_targets else None
+            texts = list(pairs["source"])
+            references = list(pairs["target"]) if with_targets else None
     model = load_trained(run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
     set_generation(model, tokenizer, spec, num_beams, max_length)
@@ -285,7 +285,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     prefix = source_prefix(spec)
     notes.insert(0, f"data.train: {len(train)} pairs; source prefix {prefix!r}")
     src = [len(ids) for ids in tokenizer([prefix + s for s in train["source"]])["input_ids"]]
-    tgt = [len(ids) for ids in tokenizer(text_target=train["target"])["input_ids"]]
+    tgt = [len(ids) for ids in tokenizer(text_target=list(train["target"]))["input_ids"]]
     for name, lengths, limit, key in (("source", src, source_tokens, "data.max_length"),
                                       ("target", tgt, spec.max_target_length, "translation.max_target_length")):
         stats = D.length_stats(lengths)
