@@ -92,11 +92,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full_run(tiny_models, scenes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "vit-gpt2-full"
-    code, _, stderr = invoke("full", "--task", "captioning", "--model", tiny_models["encoder"],
-                             "--data", scenes["train"], "--eval-data", scenes["eval"], "-o", out, "--epochs", "20",
-                             "--set", f"captioning.decoder={tiny_models['decoder']}", "--set", "captioning.num_beams=2",
-                             "--set", "data.max_length=12", "--set", "train.batch_size=16",
-                             "--set", "train.learning_rate=3e-3", "--set", "train.logging_steps=10")
+    code, _, stderr = invoke("full", "tiny-vit-gpt2-full-scenes", "--model", tiny_models["encoder"],  # shipped recipe
+                             "--data", scenes["train"], "--eval-data", scenes["eval"], "-o", out,
+                             "--set", f"captioning.decoder={tiny_models['decoder']}")
     assert code == 0, stderr
     return out
 
