@@ -74,8 +74,12 @@ def check_images(ds, column: str, key: str, base: Path | None = None) -> None:
     from PIL import Image, UnidentifiedImageError
 
     problems = []
-    for item in ds[column]:
+    rows = (item for batch in ds.iter(batch_size=512) for item in batch[column])  # one batch in memory at a time
+    for row, item in enumerate(rows):
         item = resolve(item, base)
+        if not item or (isinstance(item, dict) and not item.get("bytes") and not item.get("path")):
+            problems.append(f"{key}: row {row} has no image; give every row an image file, or remove it")
+            continue
         try:
             if isinstance(item, dict) and item.get("bytes"):
                 Image.open(io.BytesIO(item["bytes"])).close()

@@ -93,7 +93,8 @@ def test_full_training_classifies_unseen_shapes(full_run, shapes):
 
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9, metrics
-    losses = [json.loads(line)["loss"] for line in (full_run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    log = [json.loads(line) for line in (full_run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0] / 3
     for name in ("recipe.yaml", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (full_run / name).is_file(), name

@@ -173,7 +173,8 @@ def test_lora_moves_adapters_only_and_reloads_identically(tiny_t5, toy_pairs, tm
 
 def test_bad_translation_inputs_exit_2_with_the_fix(tiny_t5, toy_pairs, tmp_path):
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"en": "the red cat", "de": "die rot katze"}] * 4)
-    code, _, stderr = invoke("full", "--task", "translation", "--model", tiny_t5, "--data", wrong, "-o", tmp_path / "r")
+    train = ("full", "--task", "translation", "--model", tiny_t5, "-o", tmp_path / "r", "--data")
+    code, _, stderr = invoke(*train, wrong)
     assert code == 2
     assert errors(stderr) == [
         f"error: translation.source_column: no column 'source' in data.train '{wrong}'; its columns are: en, de. "
@@ -183,7 +184,7 @@ def test_bad_translation_inputs_exit_2_with_the_fix(tiny_t5, toy_pairs, tmp_path
     assert not (tmp_path / "r").exists()  # nothing written before the inputs are checked
 
     nested = write_jsonl(tmp_path / "wmt.jsonl", [{"translation": {"en": "the red cat", "de": "die rot katze"}}] * 4)
-    code, _, stderr = invoke("full", "--task", "translation", "--model", tiny_t5, "--data", nested, "-o", tmp_path / "r")
+    code, _, stderr = invoke(*train, nested)
     assert code == 2
     assert errors(stderr) == [(f"error: data.train: '{nested}' holds a `translation` column of language pairs; set "
                               "translation.source_lang and translation.target_lang (e.g. en and de) to pick one")]

@@ -104,8 +104,9 @@ def load_data(recipe: Recipe, spec: ImageClassificationSpec):
     images.check_images(train, "image", "data.train", images.data_base(recipe.data.train))
     eval_ds = None
     if eval_raw is not None:
-        eval_ds = to_ids(select(eval_raw, spec, "data.eval", recipe.data.eval or recipe.data.train), names, "data.eval")
-        images.check_images(eval_ds, "image", "data.eval", images.data_base(recipe.data.eval or recipe.data.train))
+        source = recipe.data.eval or recipe.data.train
+        eval_ds = to_ids(select(eval_raw, spec, "data.eval", source), names, "data.eval")
+        images.check_images(eval_ds, "image", "data.eval", images.data_base(source))
     return train, eval_ds, names
 
 
@@ -129,7 +130,10 @@ def select(ds, spec: ImageClassificationSpec, key: str, source: str):
     if missing:
         raise UserError(f"{key}: {len(missing)} rows without a label (rows {', '.join(map(str, missing[:5]))}); "
                         f"give every image a label in '{spec.label_column}'")
-    labels = [feature.int2str(v) for v in values] if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
+    if isinstance(feature, datasets.ClassLabel):
+        labels = [feature.int2str(v) for v in values]
+    else:
+        labels = [str(v) for v in values]
     ds = ds.remove_columns(spec.label_column).add_column("label", labels)
     return ds.rename_column(spec.image_column, "image") if spec.image_column != "image" else ds
 

@@ -238,8 +238,9 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
     references = None
     if data:
         ds = D.load_source(data, "--data")
-        if "text" in ds.column_names and spec.source_column not in ds.column_names and "translation" not in ds.column_names:
-            texts = [t for t in ds["text"] if t and t.strip()]  # a .txt file: one text per line
+        plain = "text" in ds.column_names and not {spec.source_column, "translation"} & set(ds.column_names)
+        if plain:  # a .txt file: one text per line
+            texts = [t for t in ds["text"] if t and t.strip()]
         else:
             with_targets = spec.target_column in ds.column_names or "translation" in ds.column_names
             if not with_targets:
@@ -259,7 +260,8 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
                         return_tensors="pt")
         with torch.no_grad():
             generated = model.generate(**enc)
-        for i, (text, translation) in enumerate(zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True))):
+        decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for i, (text, translation) in enumerate(zip(chunk, decoded)):
             row = {"source": text, "translation": translation.strip()}
             if references is not None:
                 row["reference"] = references[start + i]
