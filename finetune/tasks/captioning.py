@@ -60,9 +60,10 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     rng = random.Random(recipe.train.seed) if spec.augment else None
     train_ds = train_raw.with_transform(transform(processor, tokenizer, caption_tokens, "data.train",
                                                   images.data_base(recipe.data.train), rng))
-    eval_ds = eval_raw.with_transform(transform(processor, tokenizer, caption_tokens, "data.eval",
-                                                images.data_base(recipe.data.eval or recipe.data.train))) \
-        if eval_raw is not None else None
+    eval_ds = None
+    if eval_raw is not None:
+        eval_base = images.data_base(recipe.data.eval or recipe.data.train)
+        eval_ds = eval_raw.with_transform(transform(processor, tokenizer, caption_tokens, "data.eval", eval_base))
 
     # 4. LoRA: adapters on self-attention and MLPs; cross-attention (new when joined) trains in full.
     if recipe.method == "lora":

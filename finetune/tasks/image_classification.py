@@ -50,9 +50,10 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 3. Pixels on the fly, batch by batch (augmented for training only, when asked).
     rng = random.Random(recipe.train.seed) if spec.augment else None
     train_ds = train_raw.with_transform(transform(processor, "data.train", images.data_base(recipe.data.train), rng))
-    eval_ds = eval_raw.with_transform(transform(processor, "data.eval", images.data_base(recipe.data.eval
-                                                                                         or recipe.data.train)))\
-        if eval_raw is not None else None
+    eval_ds = None
+    if eval_raw is not None:
+        eval_base = images.data_base(recipe.data.eval or recipe.data.train)
+        eval_ds = eval_raw.with_transform(transform(processor, "data.eval", eval_base))
 
     # 4. LoRA: adapters on attention and MLP layers; the new head trains in full and is saved.
     if recipe.method == "lora":

@@ -122,7 +122,8 @@ def text_pairs(ds, spec: TranslationSpec, key: str, source: str, warn: bool = Fa
         sources, targets = list(ds[spec.source_column]), list(ds[spec.target_column])
     keep = [i for i, (s, t) in enumerate(zip(sources, targets)) if s and t and str(s).strip() and str(t).strip()]
     if len(keep) < len(sources) and warn:
-        empty = [i for i in range(len(sources)) if i not in set(keep)]
+        kept = set(keep)
+        empty = [i for i in range(len(sources)) if i not in kept]
         print(f"warning: skipping {len(empty)} pairs with an empty source or target in {key} (rows {empty[:5]}...)",
               flush=True)
     if not keep:
@@ -138,7 +139,7 @@ def tokenize(ds, tokenizer, prefix: str, source_tokens: int, target_tokens: int)
         enc = tokenizer([prefix + s for s in batch["source"]], max_length=source_tokens, truncation=True)
         labels = tokenizer(text_target=batch["target"], max_length=target_tokens, truncation=True)["input_ids"]
         # T5's tokenizer appends eos; others may not, and without it the model never learns to stop.
-        enc["labels"] = [ids if not ids or ids[-1] == eos or eos is None else (ids + [eos])[-target_tokens:]
+        enc["labels"] = [ids if eos is None or (ids and ids[-1] == eos) else ids[:target_tokens - 1] + [eos]
                          for ids in labels]
         return enc
 
