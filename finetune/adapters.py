@@ -12,6 +12,14 @@ from finetune.recipe import LoraSpec
 # model_type -> LoRA target module names, where peft has none or where we want more than its default.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (fan_in_fan_out=True)
+    # ViT in transformers 5 (layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.{fc1,fc2}); the task keeps
+    # the classification head trainable and saved (modules_to_save).
+    "vit": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"],
+    # ViT encoder + GPT-2 decoder: self-attention and MLPs of both. The dotted suffixes leave out the
+    # decoder's cross-attention (`crossattention.c_attn` does not end in `.attn.c_attn`), which is new
+    # when two checkpoints are joined, so the captioning task trains it in full instead (modules_to_save).
+    "vision-encoder-decoder": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                               "mlp.fc1", "mlp.fc2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
 }
 
 

@@ -291,6 +291,89 @@ def demo(
 # --- task commands that use a trained run (fill-mask, predict, translate, caption) go here ---
 
 
+BeamsOpt = Annotated[Optional[int], typer.Option("--num-beams", min=1, help="Beam size (default: the run's).")]
+MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Longest output in tokens "
+                                                                                "(default: the run's).")]
+OutFileOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write one JSON line per input here "
+                                                                           "instead of printing.")]
+
+
+def write_or_print(rows: list[dict], output: str | None, field: str) -> None:
+    """Print each result (one per line), or write them all to a .jsonl file with a short report."""
+    import json
+
+    if not output:
+        for row in rows:
+            typer.echo(row[field])
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output: '{output}' is a directory; give a file name such as predictions.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    typer.echo(f"wrote {len(rows)} lines to {path}")
+    scored = [r for r in rows if "reference" in r]
+    if scored:
+        from finetune.metrics import generation_metrics
+
+        m = generation_metrics([r[field] for r in scored], [r["reference"] for r in scored])
+        typer.echo(f"against the {len(scored)} references: BLEU {m['bleu']:.2f}, chrF {m['chrf']:.2f}, "
+                   f"exact {m['exact_match']:.1%}")
+
+
+@app.command()
+def translate(
+    run: Annotated[str, typer.Argument(help="A translation run directory (or a merged model directory).")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to translate.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="A file of texts instead: .jsonl/.csv/.parquet "
+                                                                     "with the run's source column, or .txt.")] = None,
+    output: OutFileOpt = None, num_beams: BeamsOpt = None, max_length: MaxLenOpt = None,
+    prefix: Annotated[Optional[str], typer.Option("--prefix", help="Source prefix (default: the run's).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Translate texts with a trained translation run.
+
+    Example: finetune translate runs/t5-ende "The house is small."
+    """
+
+    def body():
+        env_defaults()
+        from finetune.tasks.translation import translate as run_translate
+
+        rows = run_translate(Path(run), texts, data, num_beams, max_length, prefix)
+        write_or_print(rows, output, "translation")
+
+    guarded(debug, body)
+
+
+@app.command()
+def caption(
+    run: Annotated[str, typer.Argument(help="A captioning run directory (or a merged model directory).")],
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="An image folder, or a file with an image "
+                                                                     "column, instead.")] = None,
+    output: OutFileOpt = None, num_beams: BeamsOpt = None, max_length: MaxLenOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Caption images with a trained captioning run.
+
+    Example: finetune caption runs/vit-gpt2-captions photo.png
+    """
+
+    def body():
+        env_defaults()
+        from finetune.tasks.captioning import caption as run_caption
+
+        rows = run_caption(Path(run), images, data, num_beams, max_length)
+        if not output:
+            for row in rows:
+                typer.echo(f"{row['image']}\t{row['caption']}" if len(rows) > 1 else row["caption"])
+            return
+        write_or_print(rows, output, "caption")
+
+    guarded(debug, body)
+
+
 # --- scale-out commands (launch-config, plan) go here ---
 
 

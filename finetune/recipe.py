@@ -111,6 +111,35 @@ class TrainSpec(Spec):
 # --- task sections: encoder, encoder-decoder and vision tasks ---
 
 
+class TranslationSpec(Spec):
+    source_column: str = "source"  # plain text columns; ignored when the languages pick from `translation`
+    target_column: str = "target"
+    source_lang: str | None = None  # language codes (en, de): pick the texts out of a `translation` column of
+    target_lang: str | None = None  # {code: text} dicts (wmt16, opus_books), and name the default prefix
+    prefix: str | None = None  # prepended to every source; null: "translate English to German: " from the
+    # languages (what T5 was pre-trained with), or nothing without them
+    max_target_length: int = Field(128, gt=1)  # target tokens, also the longest generated translation
+    # (source tokens: data.max_length, default 128)
+    num_beams: int = Field(4, gt=0)  # beam search when evaluating and translating; 1 = greedy, faster
+
+
+class ImageClassificationSpec(Spec):
+    image_column: str = "image"  # an image folder gives `image` and `label` (one sub-folder per class)
+    label_column: str = "label"  # class names or ids
+    augment: bool = False  # random flips, crops and brightness of the training images (never evaluation)
+
+
+class CaptioningSpec(Spec):
+    # Captions come from data.text_column; data.max_length caps their tokens (default 64), which is also
+    # the longest generated caption.
+    decoder: str | None = None  # a GPT-2-style text decoder joined to the image encoder in model.name
+    # (cross-attention is added and trained in full); null when model.name is a VisionEncoderDecoder already
+    image_column: str = "image"  # an image folder with metadata.jsonl gives `image` plus its columns
+    num_beams: int = Field(4, gt=0)  # beam search when evaluating and captioning; 1 = greedy, faster
+    augment: bool = False  # random crops and brightness of the training images (no flips: a caption may
+    # say left or right)
+
+
 # --- task sections: RLHF ---
 
 
@@ -123,6 +152,9 @@ class Recipe(Spec):
     quant: QuantSpec = QuantSpec()
     train: TrainSpec = TrainSpec()
     # --- task section fields (optional, None when unused): encoder, encoder-decoder and vision ---
+    translation: TranslationSpec | None = None
+    image_classification: ImageClassificationSpec | None = None
+    captioning: CaptioningSpec | None = None
 
     # --- task section fields: RLHF ---
 
