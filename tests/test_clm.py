@@ -84,11 +84,13 @@ def test_merged_model_matches_adapter_logits(lora_run, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_generate_from_run_directory(lora_run):
+def test_generate_from_run_directory(lora_run, tiny_gpt_lm):
     out, _ = lora_run
-    code, stdout, _ = invoke("generate", str(out), "where did the red cat", "--temperature", "0",
-                             "--max-new-tokens", "8")
-    assert code == 0 and stdout.startswith("where did the red cat sit? on the ")  # learned the new template
+    prompt = ("where did the red cat", "--temperature", "0", "--max-new-tokens", "8")
+    code, tuned, _ = invoke("generate", str(out), *prompt)
+    assert code == 0 and tuned.startswith("where did the red cat sit")  # the fine-tuning template
+    code, base, _ = invoke("generate", tiny_gpt_lm, *prompt)
+    assert code == 0 and base.startswith("where did the red cat sat")  # the base's template
 
 
 def test_full_finetune_changes_all_weights(tiny_gpt, toy_text, tmp_path):
