@@ -115,7 +115,7 @@ def assert_learned(run_dir, gain: float, least: float) -> dict:
     log = read_log(run_dir)
     assert len(log) == metrics["iterations"] == 30
     assert all(LOG_KEYS <= set(r) for r in log)
-    assert metrics["reward_start"] < 0.35  # about 1/6 of the sentences are about a cat
+    assert log[0]["reward"] < 0.4  # before any update about 1/6 of the sentences are about a cat
     assert metrics["reward_end"] >= metrics["reward_start"] + gain, metrics
     assert metrics["reward_end"] >= least, metrics
     # Held-out prompts: the trained policy beats the reference it started from.

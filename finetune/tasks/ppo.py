@@ -3,7 +3,7 @@ penalty keeps it close to where it started.
 
     finetune ppo --model gpt2 --data prompts.jsonl --set ppo.reward=runs/gpt2-reward -o runs/gpt2-ppo
     finetune ppo --model gpt2 --data prompts.jsonl --set ppo.reward=my_rewards:length --method full
-    finetune ppo recipes/gpt2-ppo-tldr.yaml --num-processes 2
+    finetune ppo recipes/gpt2-lora-ppo-tldr.yaml --num-processes 2
 
 Recipe fields used: model.*, data.train/eval (a text column of prompts, ppo.prompt_column),
 data.max_length (prompt + response budget; unset: the model's context), lora.*, ppo.*, and train.*:
