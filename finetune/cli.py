@@ -183,6 +183,11 @@ make_train_command("pretrain", "Train a model from scratch: the architecture fro
 
 # --- RLHF task verbs (reward, dpo, ppo, grpo) are registered here with make_train_command(..., task=...) ---
 
+make_train_command("ppo", "Reinforce a policy with PPO against a reward model or a Python reward function, "
+                          "with a KL penalty to the starting policy.\n\n"
+                          "Example: finetune ppo --model gpt2 --data prompts.jsonl "
+                          "--set ppo.reward=runs/gpt2-reward -o runs/gpt2-ppo", task="ppo")
+
 
 # ---------------------------------------------------------------------------------------
 # Checking, using and exporting runs

@@ -143,6 +143,31 @@ class CaptioningSpec(Spec):
 # --- task sections: RLHF ---
 
 
+class PpoSpec(Spec):
+    """`finetune ppo`: each iteration samples `rollout_batch_size` responses per process, scores them,
+    then makes `ppo_epochs` passes over them in minibatches of train.batch_size x train.grad_accum.
+    Iterations: train.max_steps, or train.epochs passes over the prompts."""
+
+    reward: str | None = None  # a reward-model directory (a `finetune reward` run) or module:function
+    prompt_column: str = "prompt"  # the column of data.train holding the prompts (plain text)
+    critic: str | None = None  # value model: a directory with the policy's tokenizer (e.g. the reward
+    # model); unset: the policy's own weights with a new value head
+    rollout_batch_size: int = Field(32, gt=0)  # prompts sampled per iteration and process
+    ppo_epochs: int = Field(4, gt=0)  # optimisation passes over each rollout batch
+    max_new_tokens: int = Field(48, gt=0)  # response budget; responses cut here get missing_eos_penalty
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; the log-probs use the same scaling
+    top_k: int = Field(0, ge=0)  # 0: off. Truncated sampling makes PPO's ratios slightly off-policy
+    top_p: float = Field(1.0, gt=0, le=1)  # 1.0: off (same caveat as top_k)
+    kl_coef: float = Field(0.05, ge=0)  # per-token KL penalty against the reference: higher stays closer
+    gamma: float = Field(1.0, ge=0, le=1)  # discount over response tokens
+    lam: float = Field(0.95, ge=0, le=1)  # GAE lambda: lower = less variance, more bias
+    clip_range: float = Field(0.2, gt=0)  # policy ratio clipped to [1 - c, 1 + c]
+    clip_range_value: float = Field(0.2, gt=0)  # values move at most this far from the rollout's per update
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss in the total loss
+    missing_eos_penalty: float = Field(1.0, ge=0)  # subtracted from the score of responses with no eos
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over each rollout batch
+
+
 class Recipe(Spec):
     task: str = "clm"
     method: Method = "lora"  # set by the command: finetune lora | full | pretrain
@@ -157,6 +182,8 @@ class Recipe(Spec):
     captioning: CaptioningSpec | None = None
 
     # --- task section fields: RLHF ---
+
+    ppo: PpoSpec | None = None
 
     def problems(self) -> list[str]:
         """Contradictions between fields, phrased as the keys the user wrote."""
