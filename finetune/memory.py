@@ -270,7 +270,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
 
 
 def fmt(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 def report(recipe: Recipe, est: Estimate) -> list[str]:
@@ -300,9 +300,8 @@ def fit_problems(recipe: Recipe, est: Estimate) -> list[str]:
     """A warning-sized problem when the estimate does not fit the device."""
     if not est.capacity or est.peak <= 0.9 * est.capacity:
         return []
-    where = "GPU" if is_cuda() else "machine's memory"
-    return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit the {where} "
-            f"({fmt(est.capacity)}); lower train.batch_size (and raise train.grad_accum), set "
+    return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit in the {fmt(est.capacity)} "
+            "of one device (with 10% to spare); lower train.batch_size (and raise train.grad_accum), set "
             "train.gradient_checkpointing=true, use --bf16, --quant 4bit, or shard with --distributed fsdp"]
 
 
