@@ -156,11 +156,11 @@ def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -
     recipe = resolve_recipe(method, recipe_name, overrides, sets, resume)
     parent = not training.launched_child() and training.world_size() == 1
     if parent:
+        env_defaults()
+        start_checks(recipe)
         # Machine 0 owns the run directory; the other machines' launchers must not clear or refuse it.
         if training.is_main_process() and recipe.train.machine_rank == 0:
             training.check_run_dir(recipe.output_dir, overwrite, resume)
-        env_defaults()
-        start_checks(recipe)
         if needs_launch(recipe):
             relaunch(recipe, resume)
             return
@@ -275,7 +275,12 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
             raise UserError(problems)
         typer.echo("data: ok")
         if r.model.name:
-            print_plan(r)
+            try:
+                print_plan(r)
+            except UserError:
+                raise
+            except Exception as e:  # an architecture the estimate does not understand: not a data problem
+                typer.echo(f"memory: no estimate for this model ({type(e).__name__}: {e})")
 
     guarded(debug, body)
 

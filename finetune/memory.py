@@ -162,7 +162,16 @@ def ffn_saved_tensors(model, config) -> int:
     return 5 if act == "gelu_new" else 2
 
 
-def sequence_length(recipe: Recipe, dims: dict[str, int]) -> int:
+# Tasks whose head scores the whole vocabulary at every position (the logits term of the estimate).
+LM_HEAD_TASKS = {"clm", "mlm", "translation", "captioning", "dpo", "ppo", "grpo"}
+
+
+def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
+    """Tokens per example: data.max_length (or the model's context, at most 1024); patches for images."""
+    vision = getattr(config, "vision_config", None) or config
+    image, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(image, int) and isinstance(patch, int) and recipe.task == "image-classification":
+        return (image // patch) ** 2 + 1
     return min(recipe.data.max_length or min(dims["context"], 1024), dims["context"] or 10**9)
 
 
@@ -232,7 +241,8 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     # inputs and outputs, q, k, v, attention output) and of the MLP width (ffn_saved_tensors), plus
     # LoRA dropout's copies of the adapted layers' inputs. Gradient checkpointing keeps only each
     # layer's input and recomputes one layer at a time in backward.
-    b, s, h, f, L = t.batch_size, sequence_length(recipe, dims), dims["hidden"], dims["ffn"], max(dims["layers"], 1)
+    b, s, h, f = t.batch_size, sequence_length(recipe, dims, config), dims["hidden"], dims["ffn"]
+    L = max(dims["layers"], 1)
     act_bytes = 2 if (t.bf16 or t.fp16) else 4
     kv_share = dims["kv_heads"] / dims["heads"] if dims["heads"] else 1.0
     per_layer = b * s * ((7 + 2 * kv_share) * h + ffn_saved_tensors(model, config) * f)
@@ -246,7 +256,8 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         activations = L * per_layer * act_bytes
     activations += 3 * b * s * h * act_bytes  # embeddings and final norm
     # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
-    logits = float(b * s * dims["vocab"] * (12 + (act_bytes if act_bytes == 2 else 0)))
+    vocab = dims["vocab"] if recipe.task in LM_HEAD_TASKS else 0
+    logits = float(b * s * vocab * (12 + (act_bytes if act_bytes == 2 else 0)))
 
     # Distributed presets: what each device keeps.
     kind = preset_kind(t.distributed) if t.distributed else "ddp"
@@ -260,13 +271,16 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         weights = weights / devices + 2 * biggest_layer  # one gathered layer, one prefetched
         gradients, optimizer = gradients / devices, optimizer / devices
 
+    if (t.bf16 or t.fp16) and weight_bytes == 4 and not q.bits:
+        weights += (total - qparams) * 2  # autocast keeps a 16-bit copy of each float32 weight it uses
     if t.bf16 or t.fp16:
         notes.append("activations in 16 bits (mixed precision); weights and optimizer state as loaded")
     if recipe.method == "lora":
         notes.append(f"trains {trainable:,} LoRA parameters of {total:,}")
+    capacity = capacity if capacity is not None else device_capacity()
     return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
                     logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
-                    devices=devices, seq=s, capacity=capacity if capacity is not None else device_capacity(), notes=notes)
+                    devices=devices, seq=s, capacity=capacity, notes=notes)
 
 
 def fmt(n: float) -> str:
