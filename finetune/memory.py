@@ -271,8 +271,10 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         weights = weights / devices + 2 * biggest_layer  # one gathered layer, one prefetched
         gradients, optimizer = gradients / devices, optimizer / devices
 
-    if (t.bf16 or t.fp16) and weight_bytes == 4 and not q.bits:
-        weights += (total - qparams) * 2  # autocast keeps a 16-bit copy of each float32 weight it uses
+    if (t.bf16 or t.fp16) and (weight_bytes == 4 or q.bits):
+        # autocast keeps a 16-bit copy of each float32 weight a matmul uses (under QLoRA: the head,
+        # which prepare_model_for_kbit_training upcast)
+        weights += (total - qparams) * 2
     if t.bf16 or t.fp16:
         notes.append("activations in 16 bits (mixed precision); weights and optimizer state as loaded")
     if recipe.method == "lora":

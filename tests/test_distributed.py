@@ -104,6 +104,10 @@ def test_launch_config_from_a_recipe_and_a_user_file(tmp_path):
     assert "main_process_ip" not in config
     # Single machine without a port: 0 asks accelerate for a free one.
     assert printed_config("-n", "2")["main_process_port"] == 0
+    # Flags override the recipe, --set overrides both.
+    assert printed_config(str(recipe), "-n", "4")["num_processes"] == 4
+    assert printed_config(str(recipe), "-n", "4", "--set", "train.num_processes=6")["num_processes"] == 6
+    assert printed_config("--bf16", "--set", "train.bf16=false")["mixed_precision"] == "no"
 
 
 @pytest.mark.parametrize("args, message", [
