@@ -109,11 +109,11 @@ def test_8bit_qlora_trains(gpt64, toy_text, tmp_path):
     from finetune.tasks import clm
 
     capture = capture_model()
-    clm.run(qlora_recipe(gpt64, toy_text, tmp_path / "run", 8, steps=16, eval_steps=8), callbacks=[capture])
+    clm.run(qlora_recipe(gpt64, toy_text, tmp_path / "run", 8, steps=10, eval_steps=4), callbacks=[capture])
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in capture.model.modules()) == 8
     losses = logged(tmp_path / "run", "loss")
     assert losses[-1][1] < losses[0][1] - 0.3, losses
-    assert [v for step, v in losses if step > 8][-1] < dict(losses)[8], losses
+    assert dict(losses)[10] < dict(losses)[4], losses  # still learning after the evaluations at steps 4 and 8
 
 
 def test_merge_of_qlora_run_is_full_precision_and_matches(qlora4, gpt64, tmp_path):
