@@ -101,14 +101,37 @@ EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", help="Passes ove
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe field: --set train.learning_rate=1e-4 (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in the output directory.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its last checkpoint.")]
-ProcsOpt = Annotated[Optional[int], typer.Option("--num-processes", "-n", help="Data-parallel processes (accelerate).")]
+ProcsOpt = Annotated[Optional[int], typer.Option("--num-processes", "-n", help="Data-parallel processes (accelerate), on all machines together.")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="QLoRA: load the base in 4bit (NF4) or 8bit with bitsandbytes.", show_default=False)]
+Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bfloat16 mixed precision (Ampere+ GPUs; CPUs with AVX512-BF16/AMX).")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="float16 mixed precision (CUDA GPUs).")]
+DistOpt = Annotated[Optional[str], typer.Option("--distributed", help="Preset: ddp, fsdp, deepspeed-zero2, deepspeed-zero3, or an accelerate config file.", show_default=False)]
+MachinesOpt = Annotated[Optional[int], typer.Option("--num-machines", help="Multi-node: machines taking part.", show_default=False)]
+RankOpt = Annotated[Optional[int], typer.Option("--machine-rank", help="Multi-node: this machine's index (0 = main).", show_default=False)]
+IpOpt = Annotated[Optional[str], typer.Option("--main-process-ip", help="Multi-node: address of machine 0.", show_default=False)]
+PortOpt = Annotated[Optional[int], typer.Option("--main-process-port", help="Multi-node: port on machine 0 (default 29500).", show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
 
 
-def flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes) -> dict[str, Any]:
+def flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes,
+                   scale: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model.name": model, "task": task, "data.train": data, "data.eval": eval_data,
             "train.output_dir": output, "train.max_steps": max_steps, "train.epochs": epochs,
-            "train.num_processes": num_processes}
+            "train.num_processes": num_processes, **(scale or {})}
+
+
+def scale_overrides(quant=None, bf16=False, fp16=False, distributed=None, num_machines=None, machine_rank=None,
+                    main_process_ip=None, main_process_port=None) -> dict[str, Any]:
+    """The scale-out flags as recipe keys; a flag not given leaves the recipe's value."""
+    bits = None
+    if quant is not None:
+        bits = {"4bit": 4, "4": 4, "nf4": 4, "8bit": 8, "8": 8, "int8": 8}.get(quant.lower())
+        if bits is None:
+            raise UserError(f"--quant: expected 4bit or 8bit, got '{quant}'")
+    return {"quant.bits": bits, "train.bf16": True if bf16 else None, "train.fp16": True if fp16 else None,
+            "train.distributed": distributed, "train.num_machines": num_machines,
+            "train.machine_rank": machine_rank, "train.main_process_ip": main_process_ip,
+            "train.main_process_port": main_process_port}
 
 
 def resolve_recipe(method: str | None, recipe: str | None, overrides: dict[str, Any], sets: list[str] | None,
@@ -128,16 +151,46 @@ def resolve_recipe(method: str | None, recipe: str | None, overrides: dict[str, 
 
 def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -> None:
     from finetune import training
-    from finetune.launch import relaunch
+    from finetune.launch import needs_launch, relaunch
 
     recipe = resolve_recipe(method, recipe_name, overrides, sets, resume)
-    if not training.launched_child() and training.is_main_process():
-        training.check_run_dir(recipe.output_dir, overwrite, resume)
-    if recipe.train.num_processes > 1 and training.world_size() == 1:
-        relaunch(recipe.train.num_processes, resume)
-        return
+    parent = not training.launched_child() and training.world_size() == 1
+    if parent:
+        env_defaults()
+        start_checks(recipe)
+        # Machine 0 owns the run directory; the other machines' launchers must not clear or refuse it.
+        if training.is_main_process() and recipe.train.machine_rank == 0:
+            training.check_run_dir(recipe.output_dir, overwrite, resume)
+        if needs_launch(recipe):
+            relaunch(recipe, resume)
+            return
     env_defaults()
-    task_module(recipe.task).run(recipe, resume=resume)
+    from finetune.memory import run_with_auto_batch
+
+    run_with_auto_batch(recipe, lambda r: task_module(r.task).run(r, resume=resume))
+
+
+def start_checks(recipe) -> None:
+    """Before loading anything: precision the device can run, a base bitsandbytes can quantise, and a
+    warning when the memory estimate does not fit the GPU."""
+    from finetune.launch import check_distributed
+    from finetune.memory import check_precision
+
+    check_precision(recipe)
+    check_distributed(recipe)
+    if recipe.quant.bits:
+        from finetune.quantization import check_quantizable
+
+        check_quantizable(recipe)
+    if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
+        typer.echo("note: --distributed ddp with one process runs without a launcher; pass --num-processes N")
+    import torch
+
+    if torch.cuda.is_available() and recipe.model.name:
+        from finetune.memory import estimate, fit_problems
+
+        for p in fit_problems(recipe, estimate(recipe)):
+            typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
 
 
 
@@ -152,15 +205,20 @@ def make_train_command(name: str, summary: str, task: str | None = None) -> None
         task_: TaskOpt = None, method_: MethodOpt = None,
         data: DataOpt = None, eval_data: EvalOpt = None, output: OutputOpt = None, max_steps: StepsOpt = None,
         epochs: EpochsOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False,
-        resume: ResumeOpt = False, num_processes: ProcsOpt = None, debug: DebugOpt = False,
+        resume: ResumeOpt = False, num_processes: ProcsOpt = None,
+        quant: QuantOpt = None, bf16: Bf16Opt = False, fp16: Fp16Opt = False, distributed: DistOpt = None,
+        num_machines: MachinesOpt = None, machine_rank: RankOpt = None, main_process_ip: IpOpt = None,
+        main_process_port: PortOpt = None, debug: DebugOpt = False,
     ) -> None:
         def body():
             if is_method and method_:
                 raise UserError(f"--method: `finetune {name}` always uses {name}; drop --method")
             if not is_method and task_:
                 raise UserError(f"--task: `finetune {name}` always runs the {name} task; drop --task")
+            scale = scale_overrides(quant, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,
+                                    main_process_port)
             overrides = flag_overrides(model, task_ or task, data, eval_data, output, max_steps, epochs,
-                                       num_processes)
+                                       num_processes, scale)
             run_training(name if is_method else method_, recipe, overrides, set_, overwrite, resume)
 
         guarded(debug, body)
@@ -198,13 +256,15 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
              eval_data: EvalOpt = None, output: OutputOpt = None, max_steps: StepsOpt = None,
              epochs: EpochsOpt = None, set_: SetOpt = None,
              method: Annotated[str, typer.Option("--method", help="lora, full or pretrain.")] = "lora",
-             debug: DebugOpt = False) -> None:
-    """Check a recipe AND its data before training; report every problem at once."""
+             num_processes: ProcsOpt = None, quant: QuantOpt = None, bf16: Bf16Opt = False, fp16: Fp16Opt = False,
+             distributed: DistOpt = None, debug: DebugOpt = False) -> None:
+    """Check a recipe AND its data before training; report every problem at once, then the memory estimate."""
 
     def body():
         from finetune.recipe import Recipe
 
-        overrides = flag_overrides(model, task, data, eval_data, output, max_steps, epochs, None)
+        scale = scale_overrides(quant, bf16, fp16, distributed)
+        overrides = flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes, scale)
         try:
             r: Recipe = resolve_recipe(method, recipe, overrides, set_, False)
         except UserError as e:
@@ -219,6 +279,13 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         if problems:
             raise UserError(problems)
         typer.echo("data: ok")
+        if r.model.name:
+            try:
+                print_plan(r)
+            except UserError:
+                raise
+            except Exception as e:  # an architecture the estimate does not understand: not a data problem
+                typer.echo(f"memory: no estimate for this model ({type(e).__name__}: {e})")
 
     guarded(debug, body)
 
@@ -380,6 +447,71 @@ def caption(
 
 
 # --- scale-out commands (launch-config, plan) go here ---
+
+
+def print_plan(recipe, capacity_gib: float | None = None) -> None:
+    """The memory estimate, and a warning when it does not fit one device."""
+    from finetune.memory import estimate, fit_problems, report
+    from finetune.quantization import check_quantizable
+
+    check_quantizable(recipe)
+    est = estimate(recipe, capacity=capacity_gib * 2**30 if capacity_gib else None)
+    typer.echo("\n".join(report(recipe, est)))
+    for p in fit_problems(recipe, est):
+        typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
+
+
+@app.command()
+def plan(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = None,
+         method: Annotated[str, typer.Option("--method", help="lora, full or pretrain.")] = "lora",
+         set_: SetOpt = None, num_processes: ProcsOpt = None, quant: QuantOpt = None, bf16: Bf16Opt = False,
+         fp16: Fp16Opt = False, distributed: DistOpt = None,
+         device_memory: Annotated[Optional[float], typer.Option(
+             "--device-memory", min=0.1, help="GiB of one device (default: this machine's GPU, else its RAM).",
+             show_default=False)] = None,
+         debug: DebugOpt = False) -> None:
+    """Estimate peak memory per device before a run: weights, gradients, optimizer, activations, logits.
+
+    Reads only the model's config (no weights, no data). Example:
+    finetune plan --model Qwen/Qwen2.5-0.5B --quant 4bit --bf16 --set train.batch_size=8 --device-memory 24"""
+
+    def body():
+        scale = scale_overrides(quant, bf16, fp16, distributed)
+        overrides = flag_overrides(model, task, None, None, None, None, None, num_processes, scale)
+        from finetune.recipe import find_recipe, load_recipe
+
+        if recipe is not None:
+            find_recipe(recipe)
+        r = load_recipe(recipe, {"method": method, **overrides}, set_, ignore=("data.train",))
+        env_defaults()
+        print_plan(r, device_memory)
+
+    guarded(debug, body)
+
+
+@app.command("launch-config")
+def launch_config_command(
+        recipe: RecipeArg = None, set_: SetOpt = None, num_processes: ProcsOpt = None, bf16: Bf16Opt = False,
+        fp16: Fp16Opt = False, distributed: DistOpt = None, num_machines: MachinesOpt = None,
+        machine_rank: RankOpt = None, main_process_ip: IpOpt = None, main_process_port: PortOpt = None,
+        debug: DebugOpt = False) -> None:
+    """Print the accelerate config a run with these flags uses (a preset with the run's values filled in).
+
+    Example: finetune launch-config --distributed fsdp -n 16 --num-machines 2 --main-process-ip 10.0.0.1"""
+
+    def body():
+        from finetune.launch import launch_config_yaml
+        from finetune.recipe import find_recipe, load_recipe
+
+        scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,
+                                main_process_port)
+        overrides = flag_overrides(None, None, None, None, None, None, None, num_processes, scale)
+        if recipe is not None:
+            find_recipe(recipe)
+        r = load_recipe(recipe, overrides, set_, ignore=("data.train", "model.name"))
+        typer.echo(launch_config_yaml(r), nl=False)
+
+    guarded(debug, body)
 
 
 # ---------------------------------------------------------------------------------------

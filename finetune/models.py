@@ -128,7 +128,8 @@ def quantization_config(quant: QuantSpec):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                               bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+                              bnb_4bit_quant_storage=torch_dtype(quant.storage) if quant.storage != "uint8" else None)
 
 
 def load_model(spec: ModelSpec, auto_cls, quant: QuantSpec | None = None, **kwargs: Any):

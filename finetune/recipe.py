@@ -79,9 +79,11 @@ class LoraSpec(Spec):
 
 class QuantSpec(Spec):
     bits: Literal[4, 8] | None = None  # QLoRA: load the base in 4 or 8 bits (bitsandbytes)
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only: nf4 suits normally distributed weights (QLoRA paper)
+    double_quant: bool = True  # 4-bit only: quantise the scales too (~0.4 bit/param saved)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # 4-bit matmuls run in this dtype
+    storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # 4-bit packing dtype; FSDP and
+    # ZeRO-3 shard only floating tensors, so set it to compute_dtype there
 
 
 class TrainSpec(Spec):
@@ -103,8 +105,15 @@ class TrainSpec(Spec):
     save_total_limit: int | None = Field(2, gt=0)
     bf16: bool = False
     fp16: bool = False
-    gradient_checkpointing: bool = False  # trade compute for memory
-    num_processes: int = Field(1, gt=0)  # data-parallel processes through accelerate
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    auto_batch_size: bool = False  # on out-of-memory: halve batch_size, double grad_accum, start again
+    num_processes: int = Field(1, gt=0)  # data-parallel processes through accelerate, on all machines together
+    distributed: str | None = None  # accelerate preset (ddp, fsdp, deepspeed-zero2, deepspeed-zero3) or a
+    # config file; unset: ddp when num_processes > 1 (`finetune launch-config` prints what a run uses)
+    num_machines: int = Field(1, gt=0)  # multi-node: machines taking part (num_processes counts all of them)
+    machine_rank: int = Field(0, ge=0)  # multi-node: this machine, 0 .. num_machines-1 (machine 0 writes the run)
+    main_process_ip: str | None = None  # multi-node: address of machine 0, reachable from every machine
+    main_process_port: int | None = Field(None, gt=0, lt=65536)  # unset: 29500 multi-node, a free port otherwise
     trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
 
 
@@ -203,6 +212,36 @@ class Recipe(Spec):
             out.append("train.bf16 and train.fp16: choose one precision")
         if self.quant.bits and self.method != "lora":
             out.append(f"quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune {self.method}`")
+        out += self.scale_out_problems()
+        return out
+
+    def scale_out_problems(self) -> list[str]:
+        """Processes, machines, presets and quantisation that cannot work together."""
+        from finetune.launch import preset_kind, preset_problem
+
+        t, out = self.train, []
+        if t.distributed and (problem := preset_problem(t.distributed)):
+            out.append(problem)
+        if t.num_machines > 1 and not t.main_process_ip:
+            out.append(f"train.main_process_ip: required with train.num_machines={t.num_machines}; pass "
+                       "--main-process-ip <address of machine 0>")
+        if t.machine_rank >= t.num_machines:
+            out.append(f"train.machine_rank: {t.machine_rank} is not below train.num_machines={t.num_machines}; "
+                       f"machine ranks go from 0 to {t.num_machines - 1}")
+        if t.num_processes % t.num_machines:
+            out.append(f"train.num_processes: {t.num_processes} processes do not split evenly over {t.num_machines} "
+                       "machines; it counts the processes on all machines together, so use a multiple of "
+                       "train.num_machines")
+        if t.auto_batch_size and (t.num_processes > 1 or t.num_machines > 1):
+            out.append("train.auto_batch_size: works in single-process runs only (an out-of-memory on one rank "
+                       "stops them all); find the batch size with one process, then set train.batch_size")
+        kind = preset_kind(t.distributed) if t.distributed and not preset_problem(t.distributed) else "ddp"
+        if self.quant.bits == 8 and kind in ("fsdp", "deepspeed-zero3"):
+            out.append(f"quant.bits: 8-bit weights cannot be sharded by train.distributed={t.distributed}; use "
+                       "quant.bits=4 with quant.storage=bfloat16, or the ddp / deepspeed-zero2 presets")
+        if self.quant.bits == 4 and kind in ("fsdp", "deepspeed-zero3") and self.quant.storage == "uint8":
+            out.append(f"quant.storage: train.distributed={t.distributed} shards only floating-point tensors; set "
+                       f"quant.storage={self.quant.compute_dtype} (the compute dtype)")
         return out
 
     @property
@@ -336,8 +375,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Recip
 
 
 def build_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None,
-                 sets: list[str] | None = None) -> Recipe:
-    """Merge flags (`overrides`, dotted keys) then `--set` items into `data` and validate once."""
+                 sets: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Recipe:
+    """Merge flags (`overrides`, dotted keys) then `--set` items into `data` and validate once.
+    `ignore`: keys whose cross-field problems do not matter to the caller (`finetune plan` needs no data)."""
     data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -348,13 +388,13 @@ def build_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None,
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError(format_validation_error(e)) from e
-    problems = recipe.problems()
+    problems = [p for p in recipe.problems() if not p.startswith(tuple(f"{k}:" for k in ignore))]
     if problems:
         raise UserError(problems)
     return recipe
 
 
 def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None,
-                sets: list[str] | None = None) -> Recipe:
+                sets: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Recipe:
     data = read_recipe_file(find_recipe(name_or_path)) if name_or_path else {}
-    return build_recipe(data, overrides, sets)
+    return build_recipe(data, overrides, sets, ignore)

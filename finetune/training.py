@@ -243,6 +243,18 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
             metrics[k] = round(v, 6)
     if "eval_loss" in metrics:
         metrics["perplexity"] = round(perplexity(metrics["eval_loss"]), 4)
+    import torch
+
+    if torch.cuda.is_available():  # what `finetune plan` estimates
+        metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    from finetune.launch import replica_fingerprints
+
+    fingerprints = replica_fingerprints(model)  # a collective: every rank gets here
+    if fingerprints:
+        metrics["replica_fingerprints"] = fingerprints
+        if len(set(fingerprints)) > 1 and is_main_process():
+            print("warning: the ranks finished with different weights (replica_fingerprints in metrics.json); "
+                  "data-parallel replicas should be identical", flush=True)
     return metrics
 
 

@@ -1,0 +1,399 @@
+"""Precision and memory: what the device can do, what a run will need, and what to do when it does not fit.
+
+    finetune plan --model Qwen/Qwen2.5-0.5B --quant 4bit --bf16 --set train.batch_size=8 --set data.max_length=1024
+    finetune lora ... --bf16 --set train.gradient_checkpointing=true --set train.grad_accum=4
+    finetune lora ... --set train.auto_batch_size=true      # halve the batch on out-of-memory
+
+`estimate(recipe)` predicts the peak memory of one device from the model's config alone (the model is
+built on the meta device: exact parameter counts, no weights read): weights (quantised or not),
+gradients and AdamW state of what trains, activations of one micro-batch, the logits and loss, and
+the share a distributed preset keeps per device. It is an estimate: on CPU it was checked against
+the measured peak of live tensors (`PeakMemory`) and on CUDA `torch.cuda.max_memory_allocated`
+is what it predicts (BENCHMARKS.md has the numbers and the script).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------
+# Precision: refused at run start where the device cannot do it
+
+
+def cpu_bf16_supported() -> bool:
+    """oneDNN has bf16 kernels on this CPU (AVX512-BF16/AMX on x86, BF16 on ARM); elsewhere bf16
+    autocast on CPU is emulated and slower than float32."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(recipe: Recipe) -> None:
+    """--bf16 / --fp16 where this machine's device cannot run them: a clear error, not a late crash."""
+    import torch
+
+    t = recipe.train
+    if torch.cuda.is_available():
+        if t.bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name()
+            raise UserError(f"--bf16: {name} has no bfloat16 support (it needs an Ampere or newer GPU); "
+                            "use --fp16 instead")
+        return
+    if t.fp16:
+        raise UserError("--fp16: float16 mixed precision needs a CUDA GPU and none is visible; drop --fp16 "
+                        "(on CPU use --bf16 where the CPU supports it, or full precision)")
+    if t.bf16 and not cpu_bf16_supported():
+        raise UserError("--bf16: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX), so bf16 would be "
+                        "emulated and slower than float32; drop --bf16")
+    if recipe.quant.bits and recipe.quant.compute_dtype == "float16":
+        raise UserError("quant.compute_dtype: float16 matmuls need a CUDA GPU and none is visible; "
+                        "set quant.compute_dtype=bfloat16 or float32")
+
+
+# ---------------------------------------------------------------------------------------
+# Automatic batch size
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return should_reduce_batch_size(e) or type(e).__name__ == "OutOfMemoryError"
+
+
+def halve_batch(recipe: Recipe) -> Recipe:
+    """Half the micro-batch, twice the accumulation: the effective batch (and so the optimisation) is
+    unchanged. The Trainer's own auto_find_batch_size shrinks by 10% per attempt and leaves the
+    effective batch smaller; halving finds a fitting size in a few attempts."""
+    t = recipe.train
+    if t.batch_size == 1:
+        raise UserError("train.auto_batch_size: out of memory even with train.batch_size=1; use "
+                        "--quant 4bit, --bf16, train.gradient_checkpointing=true, a shorter data.max_length, "
+                        "or more processes with --distributed fsdp")
+    train = t.model_copy(update={"batch_size": t.batch_size // 2, "grad_accum": t.grad_accum * 2,
+                                 "eval_batch_size": t.eval_batch_size // 2 if t.eval_batch_size else None})
+    return recipe.model_copy(update={"train": train})
+
+
+def run_with_auto_batch(recipe: Recipe, run):
+    """`run(recipe)`, and with train.auto_batch_size again on out-of-memory with half the batch."""
+    import gc
+
+    while True:
+        try:
+            return run(recipe)
+        except Exception as e:
+            if not (recipe.train.auto_batch_size and is_out_of_memory(e)):
+                raise
+        smaller = halve_batch(recipe)
+        print(f"out of memory with train.batch_size={recipe.train.batch_size}; starting again with "
+              f"batch_size={smaller.train.batch_size} and grad_accum={smaller.train.grad_accum} "
+              "(same effective batch)", flush=True)
+        recipe = smaller
+        gc.collect()
+        free_device_cache()
+
+
+def free_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclasses.dataclass
+class Estimate:
+    weights: float  # bytes per device
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    trainable: int  # parameter counts
+    total_params: int
+    quantized_params: int
+    devices: int  # processes sharing the model state (sharded presets divide by it)
+    seq: int  # tokens per example
+    capacity: float | None  # bytes of one device, when known
+    notes: list[str]
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def model_dims(config) -> dict[str, int]:
+    """hidden, layers, heads, ffn and vocab sizes under their usual config names."""
+    def first(*names, default=None):
+        for n in names:
+            v = getattr(config, n, None)
+            if isinstance(v, int):
+                return v
+        return default
+
+    text = getattr(config, "text_config", None) or getattr(config, "decoder", None)
+    if first("hidden_size", "n_embd", "d_model") is None and text is not None:
+        return model_dims(text)
+    hidden = first("hidden_size", "n_embd", "d_model", default=768)
+    return dict(hidden=hidden, layers=first("num_hidden_layers", "n_layer", "num_layers", default=12),
+                heads=first("num_attention_heads", "n_head", "num_heads", default=12),
+                kv_heads=first("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", default=12),
+                ffn=first("intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden) or 4 * hidden,
+                vocab=first("vocab_size", default=0), context=first("n_positions", "max_position_embeddings",
+                                                                  default=1024))
+
+
+def ffn_saved_tensors(model, config) -> int:
+    """Tensors of the MLP width autograd keeps per layer: 2 for a fused activation (gelu, relu),
+    4 for a gated MLP (SwiGLU), 5 for GPT-2's unfused tanh-GELU."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names & {"gate_proj", "gate_up_proj", "w1", "wi_0"}:
+        return 4
+    act = getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")
+    return 5 if act == "gelu_new" else 2
+
+
+# Tasks whose head scores the whole vocabulary at every position (the logits term of the estimate).
+LM_HEAD_TASKS = {"clm", "mlm", "translation", "captioning", "dpo", "ppo", "grpo"}
+
+
+def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
+    """Tokens per example: data.max_length (or the model's context, at most 1024); patches for images."""
+    vision = getattr(config, "vision_config", None) or config
+    image, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(image, int) and isinstance(patch, int) and recipe.task == "image-classification":
+        return (image // patch) ** 2 + 1
+    return min(recipe.data.max_length or min(dims["context"], 1024), dims["context"] or 10**9)
+
+
+def dtype_bytes(recipe: Recipe, config) -> int:
+    name = recipe.model.dtype
+    if name == "auto":
+        name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if "16" in name else 4
+
+
+def device_capacity() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estimate:
+    """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given)."""
+    from finetune.adapters import lora_config
+    from finetune.launch import preset_kind
+    from finetune.quantization import quantizable_layers, skeleton
+
+    model = model if model is not None else skeleton(recipe.model, recipe.task)
+    config = model.config
+    dims = model_dims(config)
+    t, q, notes = recipe.train, recipe.quant, []
+    weight_bytes = dtype_bytes(recipe, config)
+
+    # Weights: quantised layers at 4 bits (+ block scales) or 8 bits; the rest in the load dtype, or in
+    # float32 under QLoRA (prepare_model_for_kbit_training upcasts norms, embeddings and head).
+    quantized = {f"{n}.weight" for n in quantizable_layers(model)} if q.bits else set()
+    per_q = {4: 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64), 8: 1.0}.get(q.bits or 0, 0)
+    weights = 0.0
+    qparams = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name in quantized:
+            qparams += p.numel()
+            weights += p.numel() * per_q
+        else:
+            weights += p.numel() * (4 if q.bits else weight_bytes)
+
+    # What trains: LoRA adapters (float32, peft keeps them so) or every parameter.
+    lora_inputs = 0  # summed input width of the adapted layers (LoRA dropout copies their inputs)
+    if recipe.method == "lora":
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        peft_model = get_peft_model(model, lora_config(model, recipe.lora, None))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        lora_inputs = sum(m.in_features for m in peft_model.modules() if isinstance(m, LoraLayer))
+        weights += trainable * 4
+        train_bytes = trainable * 4
+    else:
+        trainable = total
+        train_bytes = trainable * weight_bytes
+    optim = str(t.trainer_args.get("optim", "adamw_torch"))
+    state_per_byte = 0.5 if "8bit" in optim else 0.0 if optim == "sgd" else 2.0  # AdamW: two moments
+    gradients, optimizer = float(train_bytes), train_bytes * state_per_byte
+
+    # Activations of one micro-batch: per layer, the tensors autograd keeps of the hidden width (norm
+    # inputs and outputs, q, k, v, attention output) and of the MLP width (ffn_saved_tensors), plus
+    # LoRA dropout's copies of the adapted layers' inputs. Gradient checkpointing keeps only each
+    # layer's input and recomputes one layer at a time in backward.
+    b, s, h, f = t.batch_size, sequence_length(recipe, dims, config), dims["hidden"], dims["ffn"]
+    L = max(dims["layers"], 1)
+    act_bytes = 2 if (t.bf16 or t.fp16) else 4
+    kv_share = dims["kv_heads"] / dims["heads"] if dims["heads"] else 1.0
+    per_layer = b * s * ((7 + 2 * kv_share) * h + ffn_saved_tensors(model, config) * f)
+    if recipe.lora.dropout > 0:
+        per_layer += b * s * lora_inputs / L
+    if getattr(config, "_attn_implementation", None) == "eager":
+        per_layer += 2 * b * dims["heads"] * s * s
+    if t.gradient_checkpointing:
+        activations = (L * b * s * h + per_layer) * act_bytes
+    else:
+        activations = L * per_layer * act_bytes
+    activations += 3 * b * s * h * act_bytes  # embeddings and final norm
+    # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
+    vocab = dims["vocab"] if recipe.task in LM_HEAD_TASKS else 0
+    logits = float(b * s * vocab * (12 + (act_bytes if act_bytes == 2 else 0)))
+
+    # Distributed presets: what each device keeps.
+    kind = preset_kind(t.distributed) if t.distributed else "ddp"
+    devices = t.num_processes
+    if devices > 1 and kind == "ddp":
+        gradients *= 2  # DDP's gradient buckets hold a second copy
+    elif kind == "deepspeed-zero2":
+        gradients, optimizer = gradients / devices, optimizer / devices
+    elif kind in ("fsdp", "deepspeed-zero3"):
+        biggest_layer = weights / max(L, 1)
+        weights = weights / devices + 2 * biggest_layer  # one gathered layer, one prefetched
+        gradients, optimizer = gradients / devices, optimizer / devices
+
+    if (t.bf16 or t.fp16) and (weight_bytes == 4 or q.bits):
+        # autocast keeps a 16-bit copy of each float32 weight a matmul uses (under QLoRA: the head,
+        # which prepare_model_for_kbit_training upcast)
+        weights += (total - qparams) * 2
+    if t.bf16 or t.fp16:
+        notes.append("activations in 16 bits (mixed precision); weights and optimizer state as loaded")
+    if recipe.method == "lora":
+        notes.append(f"trains {trainable:,} LoRA parameters of {total:,}")
+    capacity = capacity if capacity is not None else device_capacity()
+    return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
+                    logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
+                    devices=devices, seq=s, capacity=capacity, notes=notes)
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def report(recipe: Recipe, est: Estimate) -> list[str]:
+    t = recipe.train
+    method = f"QLoRA {recipe.quant.bits}-bit" if recipe.quant.bits else recipe.method
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    kind = t.distributed or ("ddp" if t.num_processes > 1 else "single process")
+    lines = [f"memory per device ({method}, {precision}, batch {t.batch_size} x {est.seq} tokens, "
+             f"{kind}{f', {t.num_processes} processes' if t.num_processes > 1 else ''}"
+             f"{', gradient checkpointing' if t.gradient_checkpointing else ''}):"]
+    for label, value in (("weights", est.weights), ("gradients", est.gradients), ("optimizer", est.optimizer),
+                         ("activations", est.activations), ("logits/loss", est.logits)):
+        lines.append(f"  {label:<12} {fmt(value):>11}")
+    lines.append(f"  {'peak':<12} {fmt(est.peak):>11}  (estimate; allow ~10% for allocator fragmentation"
+                 f"{' and ~0.5 GiB for the CUDA context' if est.capacity and is_cuda() else ''})")
+    lines += [f"  {n}" for n in est.notes]
+    return lines
+
+
+def is_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fit_problems(recipe: Recipe, est: Estimate) -> list[str]:
+    """A warning-sized problem when the estimate does not fit the device."""
+    if not est.capacity or est.peak <= 0.9 * est.capacity:
+        return []
+    return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit in the {fmt(est.capacity)} "
+            "of one device (with 10% to spare); lower train.batch_size (and raise train.grad_accum), set "
+            "train.gradient_checkpointing=true, use --bf16, --quant 4bit, or shard with --distributed fsdp"]
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring: the peak of live tensors during training
+
+
+def peak_memory_callback():
+    """A TrainerCallback measuring the peak bytes of live tensors from train begin to end (`.peak`).
+
+    CUDA: the caching allocator's own peak (`torch.cuda.max_memory_allocated`). CPU has no such
+    counter, so a TorchDispatchMode adds up the storages every operation creates and takes them off
+    when they are freed (slow: for checking estimates, not for production runs)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class PeakMemory(TrainerCallback):
+        peak = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+                return
+            self.tracker = live_tensor_tracker()
+            for tensor in [*model.parameters(), *model.buffers()]:
+                self.tracker.add(tensor)
+            self.tracker.__enter__()
+
+        def on_train_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                self.peak = torch.cuda.max_memory_allocated()
+                return
+            self.tracker.__exit__(None, None, None)
+            self.peak = self.tracker.peak
+
+    return PeakMemory()
+
+
+def live_tensor_tracker():
+    """A TorchDispatchMode counting the bytes of live tensor storages (`.now`, `.peak`)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = WeakIdKeyDictionary()  # storage -> [bytes], a cell the finaliser reads
+            self.now = self.peak = 0
+
+        def add(self, tensor) -> None:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                return
+            try:
+                storage = tensor.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensors without storage
+                return
+            cell = self.sizes.get(storage)
+            if cell is None:
+                cell = self.sizes[storage] = [0]
+                weakref.finalize(storage, self.free, cell)
+            n = storage.nbytes()
+            self.now += n - cell[0]
+            cell[0] = n
+            self.peak = max(self.peak, self.now)
+
+        def free(self, cell) -> None:
+            self.now -= cell[0]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                self.add(tensor)
+            return out
+
+    return LiveTensorBytes()
