@@ -12,6 +12,11 @@ from finetune.recipe import LoraSpec
 # model_type -> LoRA target module names, where peft has none or where we want more than its default.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (fan_in_fan_out=True)
+    # encoders peft has no default for; attention query and value, as peft's BERT/RoBERTa default
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+    "camembert": ["query", "value"],
+    "modernbert": ["Wqkv"],
 }
 
 
