@@ -347,11 +347,10 @@ def predict(
         run_dir = Path(run)
         check_model_dir(run_dir, "run")
         recipe = run_recipe(run_dir)
-        if recipe is None:
-            raise UserError(f"run: '{run}' has no recipe.yaml; predict needs a run directory made by finetune")
-        module = task_module(recipe.task)
+        task = recipe.task if recipe else classifier_task(run_dir)
+        module = task_module(task)
         if not hasattr(module, "predict"):
-            raise UserError(f"run: '{run}' was trained for the {recipe.task} task, which has no predict; "
+            raise UserError(f"run: '{run}' was trained for the {task} task, which has no predict; "
                             "predict works with classification and image-classification runs")
         rows = module.predict(run_dir, list(inputs) if inputs else None, data)
         if output:
@@ -361,11 +360,25 @@ def predict(
         else:
             for r in rows:
                 typer.echo(prediction_line(r))
-        if rows and all("true_label" in r for r in rows):
-            right = sum(r["label"] == r["true_label"] for r in rows)
+        if rows and all("reference" in r for r in rows):
+            right = sum(str(r["label"]) == str(r["reference"]) for r in rows)
             typer.echo(f"accuracy: {right / len(rows):.4f} ({right} of {len(rows)} labelled rows)")
 
     guarded(debug, body)
+
+
+def classifier_task(model_dir: Path) -> str:
+    """The task of a plain model directory (a merged run, a downloaded classifier) from its config."""
+    import json
+
+    config = model_dir / "config.json"
+    architectures = (json.loads(config.read_text()).get("architectures") if config.is_file() else None) or [""]
+    for suffix, task in (("ForSequenceClassification", "classification"),
+                         ("ForImageClassification", "image-classification")):
+        if architectures[0].endswith(suffix):
+            return task
+    raise UserError(f"run: '{model_dir}' has no recipe.yaml and is not a classifier; predict needs a "
+                    "classification or image-classification run (or a model directory of one)")
 
 
 def prediction_line(row: dict) -> str:

@@ -88,15 +88,16 @@ def metric_script(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_bert, sentiment, metric_script):
-    """LoRA on the BERT checkpoint, run in-process with a callback that records the weights before and
-    after training and the in-memory model's probabilities on the eval texts."""
+    """The tiny-bert-lora-toy-reviews recipe (LoRA on the BERT checkpoint), run in-process with a
+    callback that records the weights before and after training and the in-memory model's
+    probabilities on the eval texts."""
     import contextlib
     import io
 
     import torch
     from transformers import TrainerCallback
 
-    from finetune.recipe import build_recipe
+    from finetune.recipe import load_recipe
     from finetune.tasks import classification
 
     texts = [r["text"] for r in reviews(80, seed=1)]
@@ -114,14 +115,11 @@ def lora_run(tmp_path_factory, tiny_bert, sentiment, metric_script):
 
     capture = Capture()
     run = tmp_path_factory.mktemp("runs") / "sentiment-lora"
-    recipe = build_recipe({
-        "task": "classification", "method": "lora", "model": {"name": tiny_bert},
-        "data": {"train": str(sentiment / "train.jsonl"), "eval": str(sentiment / "eval.jsonl")},
-        "classification": {"metrics": [metric_script, "no_such_metric_anywhere"]},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},  # peft's BERT targets: query, value
-        "train": {"output_dir": str(run), "max_steps": 60, "batch_size": 16, "learning_rate": 1e-2,
-                  "scheduler": "constant",
-                  "trainer_args": {"disable_tqdm": True}}})
+    recipe = load_recipe("tiny-bert-lora-toy-reviews", overrides={
+        "model.name": tiny_bert, "data.train": str(sentiment / "train.jsonl"),
+        "data.eval": str(sentiment / "eval.jsonl"), "train.output_dir": str(run),
+        "classification.metrics": [metric_script, "no_such_metric_anywhere"],
+        "train.trainer_args": {"disable_tqdm": True}})
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         metrics = classification.run(recipe, callbacks=[capture])
@@ -168,7 +166,7 @@ def test_save_reload_gives_identical_predictions_and_labels(lora_run):
     from finetune.tasks import classification
 
     run = lora_run["dir"]
-    assert json.loads((run / "labels.json").read_text())["labels"] == ["negative", "positive"]
+    assert json.loads((run / "labels.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     model = classification.load_trained(run)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert model.config.label2id == {"negative": 0, "positive": 1}
@@ -193,8 +191,8 @@ def test_predict_command_prints_and_writes_json_lines(lora_run, sentiment, tmp_p
     code, out, err = invoke("predict", run, "--data", sentiment / "eval.jsonl", "-o", preds)
     assert code == 0, err
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert len(rows) == 80 and set(rows[0]) == {"text", "label", "score", "true_label"}
-    accuracy = sum(r["label"] == r["true_label"] for r in rows) / len(rows)
+    assert len(rows) == 80 and set(rows[0]) == {"text", "label", "score", "reference"}
+    accuracy = sum(r["label"] == r["reference"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(lora_run["metrics"]["eval_accuracy"])
     assert f"wrote 80 predictions to {preds}" in out and f"accuracy: {accuracy:.4f}" in out
 
@@ -203,6 +201,14 @@ def test_predict_command_prints_and_writes_json_lines(lora_run, sentiment, tmp_p
     assert errors(err) == [f"error: --output: '{preds}' already exists; pass --overwrite to replace it, "
                            "or choose another file"]
     assert invoke("predict", run, "--data", sentiment / "eval.jsonl", "-o", preds, "--overwrite")[0] == 0
+
+    # a merged run is a plain transformers classifier that keeps the label names
+    merged = tmp_path / "merged"
+    assert invoke("merge", run, "-o", merged)[0] == 0
+    assert json.loads((merged / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    code, out_merged, err = invoke("predict", merged, "the plot was wonderful again", "the cast was dull today")
+    assert code == 0, err
+    assert out_merged == invoke("predict", run, "the plot was wonderful again", "the cast was dull today")[1]
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +253,7 @@ def test_gpt_style_model_without_pad_token_classifies_from_the_last_token(tmp_pa
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9, metrics
     assert json.loads((run / "tokenizer_config.json").read_text())["pad_token"] == "<|pad|>"
-    assert json.loads((run / "labels.json").read_text())["labels"] == ["0", "1"]
+    assert json.loads((run / "labels.json").read_text())["id2label"] == {"0": "0", "1": "1"}
 
     code, out, err = invoke("predict", run, "the story indeed was superb", "the ending overall was awful")
     assert code == 0, err
@@ -322,6 +328,23 @@ def test_unknown_label_at_eval_is_a_clear_error(tmp_path, tiny_bert):
     n_pos = sum(r["label"] == "positive" for r in reviews(20, 0))
     assert f"data.train: 20 examples; negative {20 - n_pos} ({(20 - n_pos) / 20:.0%}), positive {n_pos} " \
            f"({n_pos / 20:.0%})" in out
+
+
+def test_validate_lists_rows_without_a_label(tmp_path, tiny_bert):
+    rows = reviews(20, 0)
+    rows[4]["label"] = None
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    code, out, err = invoke("validate", "--task", "classification", "--model", tiny_bert, "--data", data,
+                            "--set", "data.eval_fraction=0")
+    assert code == 2
+    assert errors(err) == [f"error: data.train: 1 rows without a label (rows 5 of '{data}'); fill them in or remove them"]
+    assert "missing or unknown 1 (5%)" in out
+
+    code, out, err = invoke("full", "--task", "classification", "--model", tiny_bert, "--data", data,
+                            "-o", tmp_path / "run", "--set", "data.eval_fraction=0")
+    assert code == 2
+    assert errors(err) == ["error: data.train: 1 rows have no label; fill them in or remove them "
+                           "(`finetune validate` lists the rows)"]
 
 
 def test_label_names_ids_and_order(tmp_path):

@@ -83,16 +83,13 @@ def test_collator_labels_about_15_percent_of_tokens(tiny_bert_mlm):
 
 
 def test_pretrain_from_scratch_learns_and_fills_masks(tmp_path, corpus):
-    """`finetune pretrain --task mlm` trains a WordPiece tokenizer and a BERT from a config file;
-    masked-token accuracy rises from chance, and fill-mask predicts the template word."""
-    config_dir = tmp_path / "config"
-    bert_config().save_pretrained(config_dir)
+    """The tiny-bert-pretrain-toy recipe: a WordPiece tokenizer and a BERT from the `tiny` preset,
+    trained from scratch; masked-token accuracy rises from chance, and fill-mask predicts the
+    template word."""
     run = tmp_path / "run"
-    code, out, err = invoke("pretrain", "--task", "mlm", "--data", corpus, "-o", run, "--max-steps", 60,
-                            "--set", f"model.config={config_dir}", "--set", "model.vocab_size=300",
-                            "--set", "train.batch_size=16", "--set", "train.learning_rate=2e-3",
+    code, out, err = invoke("pretrain", "tiny-bert-pretrain-toy", "--data", corpus, "-o", run,
                             "--set", "train.eval_steps=30", "--set", "train.trainer_args.eval_on_start=true",
-                            "--set", "data.eval_fraction=0.1", "--set", "train.trainer_args.disable_tqdm=true")
+                            "--set", "train.trainer_args.disable_tqdm=true")
     assert code == 0, err
     assert "finetune pretrain (mlm) finished" in out
 
@@ -191,9 +188,8 @@ def test_bad_masking_shares_and_maskless_tokenizer(tmp_path, tiny_gpt, corpus):
 
 def test_validate_reports_texts_and_masking(tmp_path, tiny_bert_mlm):
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in toy_sentences(40)] + [{"text": " "}])
-    code, out, err = invoke("validate", "--task", "mlm", "--method", "full", "--model", tiny_bert_mlm,
-                            "--data", data, "--set", "data.eval_fraction=0")
+    code, out, err = invoke("validate", "--task", "mlm", "--method", "full", "--model", tiny_bert_mlm, "--data", data)
     assert code == 2
-    assert "data.train: 41 texts" in out
+    assert "data.train: 41 texts, 5% held out for evaluation" in out
     assert "about 15% of them are masked per batch" in out
-    assert errors(err) == ["error: data.train: 1 empty texts (rows 40); remove them (training skips them)"]
+    assert errors(err) == [f"error: data.train: 1 empty texts (rows 41 of '{data}'); remove them (training skips them)"]

@@ -54,8 +54,14 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         train_raw = D.drop_empty(train_raw, column)
     if eval_raw is not None:
         eval_raw = D.drop_empty(eval_raw, column)
+    problems = []
+    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+        missing = missing_labels(ds, spec.label_column) if ds is not None else []
+        if missing:
+            problems.append(f"{key}: {len(missing)} rows have no {spec.label_column}; fill them in or remove them "
+                            "(`finetune validate` lists the rows)")
     names, by_index = label_names(train_raw, spec)
-    raise_if(label_problems(train_raw, eval_raw, names, by_index, recipe))
+    raise_if(problems + label_problems(train_raw, eval_raw, names, by_index, recipe))
 
     # 2. Tokenizer, with a pad token (GPT-style tokenizers have none; batches need one).
     tokenizer = models.load_tokenizer(recipe.model)
@@ -102,7 +108,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     table = ""
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
-        (run_dir / LABELS_FILE).write_text(json.dumps({"labels": names, "integers_are_indices": by_index}) + "\n")
+        saved = {"id2label": dict(enumerate(names)), "integers_are_indices": by_index}
+        (run_dir / LABELS_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         if report:
             from finetune.metrics import report_table
 
@@ -164,6 +171,10 @@ def plain_label(value):
     return value
 
 
+def missing_labels(ds, column: str) -> list[int]:
+    return [i for i, v in enumerate(ds[column]) if plain_label(v) is None]
+
+
 def label_id(value, lookup: dict[str, int], by_index: bool) -> int | None:
     value = plain_label(value)
     if value is None:
@@ -174,7 +185,7 @@ def label_id(value, lookup: dict[str, int], by_index: bool) -> int | None:
 
 
 def label_problems(train, eval_ds, names: list[str], by_index: bool, recipe: Recipe) -> list[str]:
-    """Missing labels, train labels outside classification.labels, eval labels never seen in training."""
+    """Train labels outside classification.labels, eval labels never seen in training."""
     spec = recipe.classification or ClassificationSpec()
     column, lookup = spec.label_column, {n: i for i, n in enumerate(names)}
     eval_key = "data.eval" if recipe.data.eval or recipe.data.eval_split else "the eval split held out of data.train"
@@ -184,10 +195,6 @@ def label_problems(train, eval_ds, names: list[str], by_index: bool, recipe: Rec
         if ds is None:
             continue
         values = [plain_label(v) for v in ds[column]]
-        missing = [i for i, v in enumerate(values) if v is None]
-        if missing:
-            problems.append(f"{key}: {len(missing)} rows have no {column} (rows {', '.join(map(str, missing[:5]))}"
-                            f"{', ...' if len(missing) > 5 else ''}); fill them in or remove them")
         ids = [label_id(v, lookup, by_index) for v in values]
         if key == "data.train":
             unknown = Counter(v for v, i in zip(values, ids) if i is None and v is not None)
@@ -212,7 +219,10 @@ def label_counts(ds, names: list[str], by_index: bool, column: str) -> str:
     lookup = {n: i for i, n in enumerate(names)}
     counts = Counter(label_id(v, lookup, by_index) for v in ds[column])
     total = sum(counts.values())
-    return ", ".join(f"{name} {counts[i]} ({counts[i] / total:.0%})" for i, name in enumerate(names) if counts[i])
+    parts = [f"{name} {counts[i]} ({counts[i] / total:.0%})" for i, name in enumerate(names) if counts[i]]
+    if counts[None]:
+        parts.append(f"missing or unknown {counts[None]} ({counts[None] / total:.0%})")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +315,7 @@ def read_labels(run_dir: Path) -> tuple[list[str], bool]:
         raise UserError(f"run: '{run_dir}' has no {LABELS_FILE} (the label names); was it made by "
                         "`finetune ... --task classification`?")
     saved = json.loads(path.read_text())
-    return saved["labels"], saved.get("integers_are_indices", True)
+    return [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))], saved["integers_are_indices"]
 
 
 def load_trained(run_dir: Path, **kwargs):
@@ -330,7 +340,7 @@ def load_trained(run_dir: Path, **kwargs):
 
 def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_size: int = 32) -> list[dict]:
     """One dict per input: the text (and pair), the predicted `label` and its probability `score`;
-    with --data that holds the label column, also `true_label`."""
+    with --data that holds the label column, also the `reference` label."""
     import torch
     from transformers import AutoTokenizer
 
@@ -384,7 +394,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
         by_index = read_labels(run_dir)[1] if (run_dir / LABELS_FILE).is_file() else True
         for row, value in zip(out, truths):
             i = label_id(value, lookup, by_index)
-            row["true_label"] = names[i] if i is not None else plain_label(value)
+            row["reference"] = names[i] if i is not None else plain_label(value)
     return out
 
 
@@ -395,42 +405,49 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes), with the label distribution."""
     problems, notes = [], []
-    spec = recipe.classification or ClassificationSpec()
+    spec, d = recipe.classification or ClassificationSpec(), recipe.data
+    column = d.text_column
     try:
         raise_if_unsupported(recipe)
-        train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
-        for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+        # the files as they are (nothing held out), so that row numbers match the files
+        as_files = d.model_copy(update={"eval_fraction": 0.0, "max_samples": None, "max_eval_samples": None})
+        train_file, eval_file = D.load_splits(as_files, recipe.train.seed)
+        train_raw, eval_raw = D.load_splits(d, recipe.train.seed)  # what training sees
+        for ds, key, source in ((train_file, "data.train", d.train), (eval_file, "data.eval", d.eval or d.train)):
             if ds is not None:
-                source = getattr(recipe.data, key[5:]) or recipe.data.train
                 D.require_columns(ds, required_columns(recipe, spec), f"{key} '{source}'")
     except UserError as e:
         return e.problems, notes
-    column = recipe.data.text_column
-    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+    for ds, key, source in ((train_file, "data.train", d.train), (eval_file, "data.eval", d.eval or d.train)):
         if ds is None:
             continue
-        empty = D.empty_rows(ds, column)
-        if empty:
-            problems.append(f"{key}: {len(empty)} empty texts (rows {', '.join(map(str, empty[:5]))}"
-                            f"{', ...' if len(empty) > 5 else ''}); remove them (training skips them)")
+        for rows, what, fix in ((D.empty_rows(ds, column), "empty texts", "remove them (training skips them)"),
+                                (missing_labels(ds, spec.label_column), f"rows without a {spec.label_column}",
+                                 "fill them in or remove them")):
+            if rows:
+                problems.append(f"{key}: {len(rows)} {what} (rows {', '.join(str(i + 1) for i in rows[:5])}"
+                                f"{', ...' if len(rows) > 5 else ''} of '{source}'); {fix}")
     names, by_index = label_names(train_raw, spec)
     problems += label_problems(train_raw, eval_raw, names, by_index, recipe)
     notes.append(f"labels: {len(names)} ({', '.join(names)})")
-    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+    held_out = "" if eval_file is not None else f" ({d.eval_fraction:.0%} of data.train held out)"
+    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval" + held_out)):
         if ds is not None:
             notes.append(f"{key}: {len(ds)} examples; {label_counts(ds, names, by_index, spec.label_column)}")
 
     try:
         tokenizer = models.load_tokenizer(recipe.model)
         config = models.load_config(recipe.model)
-        max_length = models.max_length(recipe.data.max_length, config, default_cap=512)
+        max_length = models.max_length(d.max_length, config, default_cap=512)
     except UserError as e:
         return problems + e.problems, notes
-    if tokenizer.pad_token_id is None:
-        notes.append("tokenizer: no pad token; finetune adds '<|pad|>' (one new embedding row) so that batches "
-                     "can be padded and the last-token head can find the last real token")
-    pairs = train_raw[spec.text_pair_column] if spec.text_pair_column else None
-    lengths = [len(ids) for ids in tokenizer(list(train_raw[column]), pairs)["input_ids"]]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        notes.append("tokenizer: no pad token distinct from eos; finetune adds '<|pad|>' (one new embedding row) "
+                     "so that batches can be padded and the last-token head finds the last real token")
+    texts = [t for t in train_raw[column] if isinstance(t, str)]
+    pairs = [p for t, p in zip(train_raw[column], train_raw[spec.text_pair_column]) if isinstance(t, str)] \
+        if spec.text_pair_column else None
+    lengths = [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
     stats = D.length_stats(lengths)
     notes.append("tokens per example: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
                  + f" (max_length {max_length})")

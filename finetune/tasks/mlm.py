@@ -281,27 +281,28 @@ def fill_mask(source: str, text: str, top_k: int | None = None) -> list[list[tup
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes)."""
     problems, notes = [], []
+    d = recipe.data
+    column = d.text_column
     try:
         raise_if_unsupported(recipe)
-        train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
+        # the files as they are (nothing held out), so that row numbers match the files
+        as_files = d.model_copy(update={"eval_fraction": 0.0, "max_samples": None, "max_eval_samples": None})
+        train_file, eval_file = D.load_splits(as_files, recipe.train.seed)
+        for ds, key, source in ((train_file, "data.train", d.train), (eval_file, "data.eval", d.eval or d.train)):
+            if ds is not None:
+                D.require_columns(ds, {"data.text_column": column}, f"{key} '{source}'")
+        train_raw, _ = D.load_splits(d, recipe.train.seed)  # what training sees
     except UserError as e:
         return e.problems, notes
-    column, missing = recipe.data.text_column, []
-    for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
+    for ds, key, source in ((train_file, "data.train", d.train), (eval_file, "data.eval", d.eval or d.train)):
         if ds is None:
-            continue
-        try:
-            D.require_columns(ds, {"data.text_column": column}, f"{key} '{getattr(recipe.data, key[5:]) or recipe.data.train}'")
-        except UserError as e:
-            missing += e.problems
             continue
         empty = D.empty_rows(ds, column)
         if empty:
-            problems.append(f"{key}: {len(empty)} empty texts (rows {', '.join(map(str, empty[:5]))}"
-                            f"{', ...' if len(empty) > 5 else ''}); remove them (training skips them)")
-        notes.append(f"{key}: {len(ds)} texts")
-    if missing:
-        return missing + problems, notes
+            problems.append(f"{key}: {len(empty)} empty texts (rows {', '.join(str(i + 1) for i in empty[:5])}"
+                            f"{', ...' if len(empty) > 5 else ''} of '{source}'); remove them (training skips them)")
+        held_out = key == "data.train" and eval_file is None and d.eval_fraction > 0
+        notes.append(f"{key}: {len(ds)} texts" + (f", {d.eval_fraction:.0%} held out for evaluation" if held_out else ""))
     train_raw = D.drop_empty(train_raw, column)
 
     try:
