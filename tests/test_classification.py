@@ -42,6 +42,17 @@ def words(texts: list[str]) -> list[str]:
 VOCAB_TEXTS = [r["text"] for r in reviews(300, seed=9)] + toy_sentences(200) + ["the film was fine"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and much faster than two on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer BERT masked LM (hidden 32, random weights): like bert-base-uncased, a masked-LM
@@ -202,6 +213,15 @@ def test_predict_command_prints_and_writes_json_lines(lora_run, sentiment, tmp_p
                            "or choose another file"]
     assert invoke("predict", run, "--data", sentiment / "eval.jsonl", "-o", preds, "--overwrite")[0] == 0
 
+    other = write_jsonl(tmp_path / "other.jsonl", [{"sentence": "the film was great", "label": "positive"}])
+    code, out, err = invoke("predict", run, "--data", other)
+    assert code == 2
+    assert errors(err) == [f"error: --data: no column 'text' in '{other}' (the run was trained on those columns); "
+                           "its columns are: sentence, label. Rename the columns"]
+    code, out, err = invoke("predict", run)
+    assert code == 2
+    assert errors(err) == ["error: nothing to predict: pass inputs after the run directory, or --data FILE"]
+
     # a merged run is a plain transformers classifier that keeps the label names
     merged = tmp_path / "merged"
     assert invoke("merge", run, "-o", merged)[0] == 0
@@ -263,7 +283,9 @@ def test_gpt_style_model_without_pad_token_classifies_from_the_last_token(tmp_pa
 def test_text_pairs_reach_the_model_with_a_generic_tokenizer(tmp_path, tiny_bert):
     """The label is in the second text only, so it is learnable only if pairs are encoded; the tokenizer
     is the generic class (which drops token_type_ids unless told otherwise)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    from finetune.tasks.classification import keep_token_type_ids
 
     generic = tmp_path / "generic-bert"
     bert = AutoTokenizer.from_pretrained(tiny_bert)
@@ -273,6 +295,9 @@ def test_text_pairs_reach_the_model_with_a_generic_tokenizer(tmp_path, tiny_bert
         (generic / f.name).write_bytes(f.read_bytes())
     (generic / "config.json").write_text((Path(tiny_bert) / "config.json").read_text())
     assert "token_type_ids" not in AutoTokenizer.from_pretrained(generic)("a", "b")
+    tok = AutoTokenizer.from_pretrained(generic)
+    keep_token_type_ids(tok, AutoConfig.from_pretrained(generic))
+    assert tok("film", "great")["token_type_ids"] == [0, 0, 0, 1, 1]
 
     def pairs(n, seed):  # "the film was great today" -> ("the film was today", "great")
         return [{"text": " ".join(w for i, w in enumerate(r["text"].split()) if i != 3),
@@ -392,6 +417,14 @@ def test_pretrain_and_bad_label_spec_are_rejected(tmp_path, sentiment):
     assert errors(err) == ["error: finetune pretrain: the classification task fine-tunes a checkpoint; use "
                            "`finetune lora` or `finetune full` with --model (pre-train an encoder with "
                            "`finetune pretrain --task mlm`)"]
+    code, out, err = invoke("full", "--task", "classification", "--model", "x", "--data", sentiment / "train.jsonl",
+                            "--set", "quant.bits=4", "-o", tmp_path / "r")
+    assert code == 2
+    assert errors(err) == ["error: quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune full`"]
+    code, out, err = invoke("lora", "--task", "classification", "--model", "x", "--data", sentiment / "train.jsonl",
+                            "--set", "quant.bits=4", "-o", tmp_path / "r")
+    assert code == 2
+    assert errors(err) == ["error: quant.bits: the classification task trains unquantized models; drop quant.bits"]
     code, out, err = invoke("validate", "--task", "classification", "--model", "x", "--data", "y",
                             "--set", "classification.labels=[pos]", "--set", "classification.lables=[pos]")
     assert code == 2

@@ -16,6 +16,17 @@ def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and much faster than two on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def bert_config(vocab_size: int | None = None, **kw):
     from transformers import BertConfig
 
@@ -110,6 +121,40 @@ def test_pretrain_from_scratch_learns_and_fills_masks(tmp_path, corpus):
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("[MASK] 1: on (")
     assert len(lines[0].split("  ")) == 3
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus):
+    """Pre-training resumed from a checkpoint reuses the checkpoint's tokenizer (a WordPiece trained
+    again could number its tokens differently) and ends with the uninterrupted run's weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    sets = ["--set", "train.save_steps=10", "--set", "train.save_total_limit=5",
+            "--set", "train.trainer_args.disable_tqdm=true"]
+    code, out, err = invoke("pretrain", "tiny-bert-pretrain-toy", "--data", corpus, "-o", straight,
+                            "--max-steps", 20, *sets)
+    assert code == 0, err
+
+    # The same run, "killed" while writing checkpoint-20: only checkpoint-10 is complete.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
+        (resumed / f).unlink()
+    (resumed / "checkpoints" / "checkpoint-20" / "trainer_state.json").unlink()
+    recipe_file = resumed / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace(str(straight), str(resumed)))
+
+    code, out, err = invoke("pretrain", "--resume", "-o", resumed)
+    assert code == 0, err
+    assert (resumed / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 20
 
 
 def test_lora_continued_pretraining_moves_only_adapters_and_reloads(tmp_path, tiny_bert_mlm, corpus):

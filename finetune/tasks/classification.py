@@ -50,7 +50,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             D.require_columns(ds, required_columns(recipe, spec), f"{key} '{source or recipe.data.train}'")
     empty = D.empty_rows(train_raw, column)
     if empty:
-        print(f"warning: skipping {len(empty)} empty texts in data.train (rows {empty[:5]}...)", flush=True)
+        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists the rows)",
+              flush=True)
         train_raw = D.drop_empty(train_raw, column)
     if eval_raw is not None:
         eval_raw = D.drop_empty(eval_raw, column)
@@ -71,8 +72,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     model, info = models.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=len(names),
                                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                                     ignore_mismatched_sizes=True, output_loading_info=True)
-    models.ensure_pad_token(tokenizer, model)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the last-token head of GPT-style models finds it
+    models.ensure_pad_token(tokenizer, model)  # also sets config.pad_token_id: the last-token head looks for it
     model.config.use_cache = False  # GPT-style models would return their cache as extra "logits"
     keep_token_type_ids(tokenizer, model.config)
     new = new_layers(info)
@@ -137,12 +137,11 @@ def raise_if_unsupported(recipe: Recipe) -> None:
 # Columns and labels
 
 
-def required_columns(recipe: Recipe, spec: ClassificationSpec, labels: bool = True) -> dict[str, str]:
+def required_columns(recipe: Recipe, spec: ClassificationSpec) -> dict[str, str]:
     columns = {"data.text_column": recipe.data.text_column}
     if spec.text_pair_column:
         columns["classification.text_pair_column"] = spec.text_pair_column
-    if labels:
-        columns["classification.label_column"] = spec.label_column
+    columns["classification.label_column"] = spec.label_column
     return columns
 
 
@@ -354,7 +353,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     pair = spec.text_pair_column
     if data:
         ds = D.load_source(data, "--data")
-        missing = [c for c in required_columns(recipe, spec, labels=False).values() if c not in ds.column_names]
+        missing = [c for c in (column, pair) if c and c not in ds.column_names]
         if missing:
             raise UserError(f"--data: no column {', '.join(map(repr, missing))} in '{data}' (the run was trained on "
                             f"those columns); its columns are: {', '.join(ds.column_names)}. Rename the columns")
@@ -365,10 +364,10 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
             raise UserError(f"inputs: this run classifies text pairs ({column}, {pair}); pass --data with "
                             "both columns")
         texts, pairs, truths = list(inputs or []), None, None
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    bad = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise UserError(f"--data: {len(bad)} rows have no {column} (rows {', '.join(map(str, bad[:5]))}); "
-                        "fill them in or remove them")
+        raise UserError(f"--data: {len(bad)} rows have no {column} (rows {', '.join(map(str, bad[:5]))}"
+                        f"{', ...' if len(bad) > 5 else ''} of '{data}'); fill them in or remove them")
 
     model = load_trained(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))

@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
-    from transformers import AutoModelForMaskedLM, Trainer, set_seed
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, set_seed
 
     raise_if_unsupported(recipe)
     spec = recipe.mlm or MlmSpec()
@@ -50,14 +50,18 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             D.require_columns(ds, {"data.text_column": column}, f"{key} '{source or recipe.data.train}'")
     empty = D.empty_rows(train_raw, column)
     if empty:
-        print(f"warning: skipping {len(empty)} empty texts in data.train (rows {empty[:5]}...)", flush=True)
+        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists the rows)",
+              flush=True)
         train_raw = D.drop_empty(train_raw, column)
     if eval_raw is not None:
         eval_raw = D.drop_empty(eval_raw, column)
 
-    # 2. Tokenizer: the model's (it must have a mask token), or a WordPiece trained on this corpus.
+    # 2. Tokenizer: the model's (it must have a mask token), or a WordPiece trained on this corpus; on
+    #    --resume the one saved with the checkpoint (training it again can number the tokens differently).
+    checkpoint = training.resume_checkpoint(recipe.output_dir) if resume else None
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = train_wordpiece_tokenizer(train_raw[column], recipe.model.vocab_size)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint else \
+            train_wordpiece_tokenizer(train_raw[column], recipe.model.vocab_size)
     else:
         tokenizer = models.load_tokenizer(recipe.model)
         require_mask_token(tokenizer, recipe.model)
@@ -80,7 +84,6 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 6. Train, evaluate, save. The collator selects and masks the tokens anew in every batch.
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=masking_collator(tokenizer, spec, recipe.train.seed), processing_class=tokenizer,
@@ -170,15 +173,31 @@ def tokenize(ds, tokenizer, column: str, max_length: int, packing: bool):
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
 
 
-def masking_collator(tokenizer, spec: MlmSpec, seed: int | None = None):
+def masking_collator(tokenizer, spec: MlmSpec, seed: int = 0):
     """Pads a batch and picks the tokens to predict: `mask_probability` of the non-special tokens,
     shown as [MASK] (mask_replace), a random token (random_replace) or unchanged; labels are -100
-    everywhere else. transformers' collator does exactly BERT's recipe."""
+    everywhere else. transformers' collator does exactly BERT's recipe.
+
+    Each batch is masked with a generator seeded from `seed` and the batch's own token ids, not from
+    a running random state: the Trainer draws the first batch after --resume before it restores its
+    random state, so a stateful collator would mask a resumed run differently from an uninterrupted
+    one. It also makes every evaluation use the same masks, so eval metrics are comparable over a run.
+    """
+    import hashlib
+
+    import torch
     from transformers import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=spec.mask_probability,
-                                           mask_replace_prob=spec.mask_replace,
-                                           random_replace_prob=spec.random_replace, seed=seed)
+    class BatchSeededMasking(DataCollatorForLanguageModeling):
+        def torch_call(self, examples):
+            digest = hashlib.blake2b(str(seed).encode(), digest_size=8)
+            for example in examples:
+                digest.update(torch.as_tensor(example["input_ids"], dtype=torch.int64).numpy().tobytes())
+            self.generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+            return super().torch_call(examples)
+
+    return BatchSeededMasking(tokenizer, mlm=True, mlm_probability=spec.mask_probability,
+                              mask_replace_prob=spec.mask_replace, random_replace_prob=spec.random_replace)
 
 
 # ---------------------------------------------------------------------------------------
