@@ -339,6 +339,8 @@ def predict(
             raise UserError("inputs and --data: give inputs on the command line or --data FILE, not both")
         if not inputs and not data:
             raise UserError("nothing to predict: pass inputs after the run directory, or --data FILE")
+        if output and Path(output).is_dir():
+            raise UserError(f"--output: '{output}' is a directory; give a file name such as predictions.jsonl")
         if output and Path(output).exists() and not overwrite:
             raise UserError(f"--output: '{output}' already exists; pass --overwrite to replace it, or choose another file")
         env_defaults()
@@ -387,7 +389,6 @@ def prediction_line(row: dict) -> str:
     parts = [str(row.get("label", "")), f"{row['score']:.4f}" if isinstance(row.get("score"), float) else ""]
     parts += [str(v) if i == 0 else f"{k}={v}" for i, (k, v) in enumerate(rest)]
     return "\t".join(p for p in parts if p)
-
 
 
 # --- scale-out commands (launch-config, plan) go here ---

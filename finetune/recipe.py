@@ -144,7 +144,6 @@ class ClassificationSpec(Spec):
         return v
 
 
-
 # --- task sections: RLHF ---
 
 

@@ -222,6 +222,11 @@ def test_predict_command_prints_and_writes_json_lines(lora_run, sentiment, tmp_p
     assert code == 2
     assert errors(err) == ["error: nothing to predict: pass inputs after the run directory, or --data FILE"]
 
+    code, out, err = invoke("fill-mask", run, "the film was [MASK]")
+    assert code == 2
+    assert errors(err) == [f"error: run: '{run}' was trained for the classification task; fill-mask needs an mlm "
+                           "run or a masked-LM model"]
+
     # a merged run is a plain transformers classifier that keeps the label names
     merged = tmp_path / "merged"
     assert invoke("merge", run, "-o", merged)[0] == 0
@@ -251,6 +256,38 @@ def word_gpt_nopad(tmp_path_factory) -> str:
     GPT2LMHeadModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_bert, sentiment):
+    """LoRA with a new pooler and head: --resume from the last complete checkpoint ends with the
+    weights of an uninterrupted run, adapters and fully trained layers alike."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    code, out, err = invoke("lora", "tiny-bert-lora-toy-reviews", "--model", tiny_bert, "--data",
+                            sentiment / "train.jsonl", "--eval-data", sentiment / "eval.jsonl", "-o", straight,
+                            "--max-steps", 16, "--set", "train.save_steps=8", "--set", "train.trainer_args.disable_tqdm=true")
+    assert code == 0, err
+
+    # The same run, "killed" while writing checkpoint-16: only checkpoint-8 is complete.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for f in ("adapter_model.safetensors", "adapter_config.json", "labels.json", "metrics.json"):
+        (resumed / f).unlink()
+    (resumed / "checkpoints" / "checkpoint-16" / "trainer_state.json").unlink()
+    recipe_file = resumed / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace(str(straight), str(resumed)))
+
+    code, out, err = invoke("lora", "--resume", "-o", resumed)
+    assert code == 0, err
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("pooler" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert (resumed / "labels.json").read_text() == (straight / "labels.json").read_text()
 
 
 def test_gpt_style_model_without_pad_token_classifies_from_the_last_token(tmp_path, word_gpt_nopad):

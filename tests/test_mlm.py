@@ -209,6 +209,11 @@ def test_lora_continued_pretraining_moves_only_adapters_and_reloads(tmp_path, ti
     assert all(code == 0 for code, _, _ in results), results
     assert results[0][1] == results[1][1] and results[0][1].startswith("[MASK] 1: ")
 
+    code, out, err = invoke("predict", run, "the green dog")
+    assert code == 2
+    assert errors(err) == [f"error: run: '{run}' was trained for the mlm task, which has no predict; predict works "
+                           "with classification and image-classification runs"]
+
 
 def test_fill_mask_without_a_mask_is_a_clear_error(tiny_bert_mlm):
     code, out, err = invoke("fill-mask", tiny_bert_mlm, "no mask here")
