@@ -31,6 +31,7 @@ from finetune.recipe import ClassificationSpec, Recipe
 LABELS_FILE = "labels.json"  # label names in id order (the adapter does not store id2label), and
 # whether integer labels in data are indices into them (else they are names: 1..5 stars -> "1".."5")
 HEADS = ("classifier", "score")  # peft trains and saves these in full for SEQ_CLS
+STATS_SAMPLE = 10_000  # `finetune validate` measures token lengths on at most this many examples
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
@@ -443,12 +444,13 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         notes.append("tokenizer: no pad token distinct from eos; finetune adds '<|pad|>' (one new embedding row) "
                      "so that batches can be padded and the last-token head finds the last real token")
-    texts = [t for t in train_raw[column] if isinstance(t, str)]
-    pairs = [p for t, p in zip(train_raw[column], train_raw[spec.text_pair_column]) if isinstance(t, str)] \
-        if spec.text_pair_column else None
+    sample = train_raw.select(range(min(len(train_raw), STATS_SAMPLE)))  # large datasets: a sample is enough
+    texts = [t if isinstance(t, str) else "" for t in sample[column]]
+    pairs = [t if isinstance(t, str) else "" for t in sample[spec.text_pair_column]] if spec.text_pair_column else None
     lengths = [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
     stats = D.length_stats(lengths)
-    notes.append("tokens per example: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
+    sampled = f" (first {len(sample):,})" if len(sample) < len(train_raw) else ""
+    notes.append(f"tokens per example{sampled}: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
                  + f" (max_length {max_length})")
     too_long = sum(n > max_length for n in lengths)
     if too_long:

@@ -33,6 +33,7 @@ BERT_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),  # 110M
 }
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+STATS_SAMPLE = 10_000  # `finetune validate` measures token lengths on at most this many texts
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
@@ -322,12 +323,15 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
                             f"{', ...' if len(empty) > 5 else ''} of '{source}'); remove them (training skips them)")
         held_out = key == "data.train" and eval_file is None and d.eval_fraction > 0
         notes.append(f"{key}: {len(ds)} texts" + (f", {d.eval_fraction:.0%} held out for evaluation" if held_out else ""))
+    # token statistics from a sample: pre-training corpora can be large
     train_raw = D.drop_empty(train_raw, column)
+    texts = list(train_raw.select(range(min(len(train_raw), STATS_SAMPLE)))[column])
+    sampled = f" (first {len(texts):,} texts)" if len(texts) < len(train_raw) else ""
 
     try:
         if recipe.method == "pretrain" and not recipe.model.tokenizer:
             notes.append(f"tokenizer: a WordPiece of {recipe.model.vocab_size} tokens will be trained on data.train")
-            tokenizer = train_wordpiece_tokenizer(train_raw[column], recipe.model.vocab_size)
+            tokenizer = train_wordpiece_tokenizer(texts, recipe.model.vocab_size)
         else:
             tokenizer = models.load_tokenizer(recipe.model)
             require_mask_token(tokenizer, recipe.model)
@@ -337,9 +341,9 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     except UserError as e:
         return problems + e.problems, notes
     spec = recipe.mlm or MlmSpec()
-    lengths = [len(ids) for ids in tokenizer(list(train_raw[column]))["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     stats = D.length_stats(lengths)
-    notes.append("tokens per text: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
+    notes.append(f"tokens per text{sampled}: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
                  + f" (max_length {max_length}); about {spec.mask_probability:.0%} of them are masked per batch")
     too_long = sum(n > max_length for n in lengths)
     if too_long and not recipe.data.packing:
