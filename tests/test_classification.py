@@ -269,7 +269,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_bert
     straight = tmp_path / "straight"
     code, out, err = invoke("lora", "tiny-bert-lora-toy-reviews", "--model", tiny_bert, "--data",
                             sentiment / "train.jsonl", "--eval-data", sentiment / "eval.jsonl", "-o", straight,
-                            "--max-steps", 16, "--set", "train.save_steps=8", "--set", "train.trainer_args.disable_tqdm=true")
+                            "--max-steps", 16, "--set", "train.save_steps=8",
+                            "--set", "train.trainer_args.disable_tqdm=true")
     assert code == 0, err
 
     # The same run, "killed" while writing checkpoint-16: only checkpoint-8 is complete.
@@ -346,7 +347,8 @@ def test_text_pairs_reach_the_model_with_a_generic_tokenizer(tmp_path, tiny_bert
     code, out, err = invoke("full", "--task", "classification", "--model", generic, "--data", tmp_path / "train.jsonl",
                             "-o", run, "--max-steps", 40, "--set", "classification.text_pair_column=verdict",
                             "--set", "train.batch_size=16", "--set", "train.learning_rate=3e-3",
-                            "--set", "train.scheduler=constant", "--set", "data.eval_fraction=0.15", "--set", "train.trainer_args.disable_tqdm=true")
+                            "--set", "train.scheduler=constant", "--set", "data.eval_fraction=0.15",
+                            "--set", "train.trainer_args.disable_tqdm=true")
     assert code == 0, err
     assert json.loads((run / "metrics.json").read_text())["eval_accuracy"] >= 0.9
 
@@ -421,7 +423,8 @@ def test_label_names_ids_and_order(tmp_path):
     assert label_names(ints, ClassificationSpec()) == (["1", "2", "10"], False)
     names, by_index = label_names(ints, ClassificationSpec())
     lookup = {n: i for i, n in enumerate(names)}
-    assert [label_id(v, lookup, by_index) for v in [10, 2, 1, 2.0, 3, None, float("nan")]] == [2, 1, 0, 1, None, None, None]
+    values = [10, 2, 1, 2.0, 3, None, float("nan")]
+    assert [label_id(v, lookup, by_index) for v in values] == [2, 1, 0, 1, None, None, None]
 
     strings = datasets.Dataset.from_dict({"label": ["pos", "neg", "pos"]})
     assert label_names(strings, ClassificationSpec()) == (["neg", "pos"], False)
