@@ -12,6 +12,11 @@ from finetune.recipe import LoraSpec
 # model_type -> LoRA target module names, where peft has none or where we want more than its default.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (fan_in_fan_out=True)
+    # encoders peft has no default for; attention query and value, as peft's BERT/RoBERTa default
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+    "camembert": ["query", "value"],
+    "modernbert": ["Wqkv"],
     # ViT in transformers 5 (layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.{fc1,fc2}); the task keeps
     # the classification head trainable and saved (modules_to_save).
     "vit": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"],

@@ -363,6 +363,105 @@ def demo(
 # --- task commands that use a trained run (fill-mask, predict, translate, caption) go here ---
 
 
+@app.command("fill-mask")
+def fill_mask(
+    model: Annotated[str, typer.Argument(help="An mlm run directory, a masked-LM model directory or a Hub id.")],
+    text: Annotated[str, typer.Argument(help="Text with [MASK] where tokens are to be predicted.")],
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1,
+                                                 help="Candidates per mask (default: the run's mlm.top_k, 5).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the most likely tokens for each [MASK] in a text, with their probabilities.
+
+    Example: finetune fill-mask runs/bert-mlm "the cat [MASK] sleeping on the floor"
+    """
+
+    def body():
+        env_defaults()
+        from finetune.tasks.mlm import fill_mask as fill
+
+        for n, candidates in enumerate(fill(model, text, top_k), 1):
+            typer.echo(f"[MASK] {n}: " + "  ".join(f"{token} ({p:.3f})" for token, p in candidates))
+
+    guarded(debug, body)
+
+
+@app.command()
+def predict(
+    run: Annotated[str, typer.Argument(help="A run directory (classification, image-classification).")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Inputs to label: texts, or image files for an "
+                                                                "image run.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="A data file with the run's input columns "
+                                                                     "(and, optionally, its label column).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write JSON lines to this file "
+                                                                         "instead of printing.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Label inputs with a trained classifier: one line per input, or JSON lines with -o.
+
+    Example: finetune predict runs/sentiment "a wonderful film" "a waste of time"
+             finetune predict runs/sentiment --data test.jsonl -o preds.jsonl
+    """
+
+    def body():
+        import json
+
+        if inputs and data:
+            raise UserError("inputs and --data: give inputs on the command line or --data FILE, not both")
+        if not inputs and not data:
+            raise UserError("nothing to predict: pass inputs after the run directory, or --data FILE")
+        if output and Path(output).is_dir():
+            raise UserError(f"--output: '{output}' is a directory; give a file name such as predictions.jsonl")
+        if output and Path(output).exists() and not overwrite:
+            raise UserError(f"--output: '{output}' already exists; pass --overwrite to replace it, or choose another file")
+        env_defaults()
+        from finetune.inference import check_model_dir, run_recipe
+
+        run_dir = Path(run)
+        check_model_dir(run_dir, "run")
+        recipe = run_recipe(run_dir)
+        task = recipe.task if recipe else classifier_task(run_dir)
+        module = task_module(task)
+        if not hasattr(module, "predict"):
+            raise UserError(f"run: '{run}' was trained for the {task} task, which has no predict; "
+                            "predict works with classification and image-classification runs")
+        rows = module.predict(run_dir, list(inputs) if inputs else None, data)
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            typer.echo(f"wrote {len(rows)} predictions to {output}")
+        else:
+            for r in rows:
+                typer.echo(prediction_line(r))
+        if rows and all("reference" in r for r in rows):
+            right = sum(str(r["label"]) == str(r["reference"]) for r in rows)
+            typer.echo(f"accuracy: {right / len(rows):.4f} ({right} of {len(rows)} labelled rows)")
+
+    guarded(debug, body)
+
+
+def classifier_task(model_dir: Path) -> str:
+    """The task of a plain model directory (a merged run, a downloaded classifier) from its config."""
+    import json
+
+    config = model_dir / "config.json"
+    architectures = (json.loads(config.read_text()).get("architectures") if config.is_file() else None) or [""]
+    for suffix, task in (("ForSequenceClassification", "classification"),
+                         ("ForImageClassification", "image-classification")):
+        if architectures[0].endswith(suffix):
+            return task
+    raise UserError(f"run: '{model_dir}' has no recipe.yaml and is not a classifier; predict needs a "
+                    "classification or image-classification run (or a model directory of one)")
+
+
+def prediction_line(row: dict) -> str:
+    """`label  score  input  key=value...` for one prediction of any task."""
+    rest = [(k, v) for k, v in row.items() if k not in ("label", "score")]
+    parts = [str(row.get("label", "")), f"{row['score']:.4f}" if isinstance(row.get("score"), float) else ""]
+    parts += [str(v) if i == 0 else f"{k}={v}" for i, (k, v) in enumerate(rest)]
+    return "\t".join(p for p in parts if p)
+
 BeamsOpt = Annotated[Optional[int], typer.Option("--num-beams", min=1, help="Beam size (default: the run's).")]
 MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Longest output in tokens "
                                                                                 "(default: the run's).")]

@@ -102,11 +102,12 @@ def ensure_pad_token(tokenizer, model=None) -> bool:
     With pad == eos the usual collators mask every eos out of the labels, and the model never
     learns to stop. Returns True when a token was added (the embeddings then grow by one row).
     """
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return False
-    added = tokenizer.add_special_tokens({"pad_token": "<|pad|>"}) > 0
+    added = False
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        added = tokenizer.add_special_tokens({"pad_token": "<|pad|>"}) > 0
+    # Also when the token was added by an earlier call without the model (tokenizer first, model later).
     if model is not None:
-        if added and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
     return added

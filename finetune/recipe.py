@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from finetune.errors import UserError, did_you_mean
 
@@ -120,6 +121,38 @@ class TrainSpec(Spec):
 # --- task sections: encoder, encoder-decoder and vision tasks ---
 
 
+class MlmSpec(Spec):
+    """Masked language modelling (task mlm): BERT's masking recipe."""
+
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # share of tokens selected for prediction (BERT: 15%)
+    mask_replace: float = Field(0.8, ge=0.0, le=1.0)  # of the selected, the share shown as [MASK]
+    random_replace: float = Field(0.1, ge=0.0, le=1.0)  # ... shown as a random token; the rest stay unchanged
+    top_k: int = Field(5, gt=0)  # `finetune fill-mask`: candidates shown per [MASK]
+
+    @model_validator(mode="after")
+    def _shares(self):
+        if self.mask_replace + self.random_replace > 1:
+            total = self.mask_replace + self.random_replace
+            raise PydanticCustomError("mlm_shares", f"mask_replace + random_replace is {total:.2f}; they split "
+                                      "the selected tokens, so their sum must be at most 1")
+        return self
+
+
+class ClassificationSpec(Spec):
+    """Sequence classification (task classification): one label per text or text pair."""
+
+    label_column: str = "label"  # integers or strings
+    text_pair_column: str | None = None  # second text of a pair (NLI, paraphrase): [CLS] text [SEP] pair [SEP]
+    labels: list[str] | None = None  # label names in id order; unset: ClassLabel names or the sorted values
+    metrics: list[str] = []  # extra `evaluate` metrics (fetched from the Hub once), e.g. [matthews_correlation]
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise PydanticCustomError("labels", "needs at least two distinct label names")
+        return v
+
 class TranslationSpec(Spec):
     source_column: str = "source"  # plain text columns; ignored when the languages pick from `translation`
     target_column: str = "target"
@@ -186,6 +219,8 @@ class Recipe(Spec):
     quant: QuantSpec = QuantSpec()
     train: TrainSpec = TrainSpec()
     # --- task section fields (optional, None when unused): encoder, encoder-decoder and vision ---
+    mlm: MlmSpec | None = None
+    classification: ClassificationSpec | None = None
     translation: TranslationSpec | None = None
     image_classification: ImageClassificationSpec | None = None
     captioning: CaptioningSpec | None = None
