@@ -178,9 +178,9 @@ def start_checks(recipe) -> None:
 
     check_precision(recipe)
     check_distributed(recipe)
-    if recipe.quant.bits:
-        from finetune.quantization import check_quantizable
+    from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
 
+    if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:
         check_quantizable(recipe)
     if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
         typer.echo("note: --distributed ddp with one process runs without a launcher; pass --num-processes N")

@@ -86,7 +86,8 @@ def load_splits(spec: DataSpec, seed: int = 42):
     if spec.max_samples and len(train) > spec.max_samples:
         train = train.select(range(spec.max_samples))
     if eval_ds is not None and spec.max_eval_samples and len(eval_ds) > spec.max_eval_samples:
-        eval_ds = eval_ds.select(range(spec.max_eval_samples))
+        # a random subset: eval files are often sorted (by label, by length)
+        eval_ds = eval_ds.shuffle(seed=seed).select(range(spec.max_eval_samples))
     return train, eval_ds
 
 

@@ -75,6 +75,11 @@ def check_backend(recipe: Recipe) -> None:
                         "or drop --quant") from e
 
 
+# Tasks that refuse quant.bits themselves, with their own reason (a new head, cross-attention or value
+# model that cannot train in 4/8 bits); checking the model for them first would only hide that reason.
+UNQUANTIZED_TASKS = {"mlm", "classification", "image-classification", "captioning", "ppo"}
+
+
 def check_quantizable(recipe: Recipe, model=None) -> None:
     """Fail before loading weights when bitsandbytes would find nothing to quantise in this model type."""
     if not recipe.quant.bits:

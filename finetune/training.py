@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from finetune.errors import UserError, did_you_mean
 from finetune.metrics import perplexity
@@ -98,6 +98,32 @@ def start_run(recipe: Recipe) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     return run_dir
+
+
+def corpus_tokenizer(run_dir: Path, resume: bool, train: Callable[[], Any]):
+    """A tokenizer trained on the corpus once per run.
+
+    On --resume, the one saved with the checkpoint; with several processes, the main process trains
+    it and the others load it. Training twice, even on the same corpus, can number the tokens
+    differently, and the ranks or the resumed weights would then disagree about what an id means.
+    """
+    from transformers import AutoTokenizer
+
+    checkpoint = resume_checkpoint(run_dir) if resume else None
+    if checkpoint:
+        return AutoTokenizer.from_pretrained(checkpoint)
+    if world_size() == 1:
+        return train()
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            tokenizer = train()
+            tokenizer.save_pretrained(str(run_dir))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    return tokenizer
 
 
 def resume_checkpoint(run_dir: Path) -> str | None:

@@ -33,14 +33,16 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             D.require_columns(ds, {"data.text_column": column}, f"{key} '{source or recipe.data.train}'")
     empty = D.empty_rows(train_raw, column)
     if empty:
-        print(f"warning: skipping {len(empty)} empty texts in data.train (rows {empty[:5]}...)", flush=True)
+        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists their rows)",
+              flush=True)
         train_raw = D.drop_empty(train_raw, column)
     if eval_raw is not None:
         eval_raw = D.drop_empty(eval_raw, column)
 
     # 2. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus.
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = models.train_bpe_tokenizer(train_raw[column], recipe.model.vocab_size)
+        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: models.train_bpe_tokenizer(
+            train_raw[column], recipe.model.vocab_size))
     else:
         tokenizer = models.load_tokenizer(recipe.model)
     models.ensure_pad_token(tokenizer)

@@ -37,7 +37,7 @@ STATS_SAMPLE = 10_000  # `finetune validate` measures token lengths on at most t
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, set_seed
+    from transformers import AutoModelForMaskedLM, Trainer, set_seed
 
     raise_if_unsupported(recipe)
     spec = recipe.mlm or MlmSpec()
@@ -61,8 +61,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     #    --resume the one saved with the checkpoint (training it again can number the tokens differently).
     checkpoint = training.resume_checkpoint(recipe.output_dir) if resume else None
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint else \
-            train_wordpiece_tokenizer(train_raw[column], recipe.model.vocab_size)
+        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: train_wordpiece_tokenizer(
+            train_raw[column], recipe.model.vocab_size))
     else:
         tokenizer = models.load_tokenizer(recipe.model)
         require_mask_token(tokenizer, recipe.model)
