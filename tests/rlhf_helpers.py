@@ -79,28 +79,34 @@ def supervised_gpt(base: str) -> str:
     return out
 
 
-def good_rate(model_dir: str, n: int = 64, seed: int = 0, max_new_tokens: int = 3) -> float:
-    """Share of sampled completions (temperature 1) of held-out prompts that name a soft place."""
+def samples(model_dir: str, n: int = 64, seed: int = 0, max_new_tokens: int = 3) -> tuple[list[str], list[str]]:
+    """(prompts, completions) sampled at temperature 1 from held-out prompts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.adapters import is_adapter_dir
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if is_adapter_dir(model_dir):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
+    model = load_causal_lm(model_dir)
     torch.manual_seed(seed)
-    enc = tok(prompts(n, seed=99), return_tensors="pt", padding=True, padding_side="left")
+    held_out = prompts(n, seed=99)
+    enc = tok(held_out, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(map(is_good, texts)) / len(texts)
+    return held_out, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def good_rate(model_dir: str) -> float:
+    """Share of sampled completions of held-out prompts that name a soft place."""
+    _, completions = samples(model_dir)
+    return sum(map(is_good, completions)) / len(completions)
+
+
+def mean_reward(model_dir: str, reward_source: str) -> float:
+    """Mean reward of sampled completions, scored by a reward source (finetune.rewards.load_reward)."""
+    from finetune.rewards import load_reward
+
+    scores = load_reward(reward_source)(*samples(model_dir))
+    return sum(scores) / len(scores)
 
 
 def load_causal_lm(model_dir: str):
@@ -142,3 +148,7 @@ def logged(run_dir, key: str) -> list[float]:
 
     lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
     return [json.loads(ln)[key] for ln in lines if key in json.loads(ln)]
+
+
+def write_prompts(path, n: int = 64, seed: int = 0) -> str:
+    return write_jsonl(path, [{"prompt": p} for p in prompts(n, seed)])
