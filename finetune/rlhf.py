@@ -77,23 +77,25 @@ def check_columns(ds, key: str, source: str, required: tuple[str, ...], optional
     return "chat" if "chat" in kinds else "text"
 
 
+def load_checked(recipe: Recipe, required: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """(train, eval, format), checked before any split, so that reported rows are rows of the file."""
+    spec = recipe.data
+    fmt = check_columns(D.load_source(spec.train, "data.train", spec.train_split), "data.train", f"'{spec.train}'",
+                        required, optional)
+    train, eval_ds = D.load_splits(spec, recipe.train.seed)
+    if eval_ds is not None and (spec.eval or spec.eval_split):  # not held out of the checked train data
+        check_columns(eval_ds, "data.eval", f"'{spec.eval or spec.train}'", required, optional)
+    return train, eval_ds, fmt
+
+
 def load_preferences(recipe: Recipe):
     """(train, eval, format) of prompt/chosen/rejected data, checked."""
-    train, eval_ds = D.load_splits(recipe.data, recipe.train.seed)
-    fmt = check_columns(train, "data.train", f"'{recipe.data.train}'", ("chosen", "rejected"), ("prompt",))
-    if eval_ds is not None:
-        check_columns(eval_ds, "data.eval", f"'{recipe.data.eval or recipe.data.train}'", ("chosen", "rejected"),
-                      ("prompt",))
-    return train, eval_ds, fmt
+    return load_checked(recipe, ("chosen", "rejected"), ("prompt",))
 
 
 def load_prompts(recipe: Recipe):
     """(train, eval, format) of data with a prompt column (other columns go to reward functions)."""
-    train, eval_ds = D.load_splits(recipe.data, recipe.train.seed)
-    fmt = check_columns(train, "data.train", f"'{recipe.data.train}'", ("prompt",))
-    if eval_ds is not None:
-        check_columns(eval_ds, "data.eval", f"'{recipe.data.eval or recipe.data.train}'", ("prompt",))
-    return train, eval_ds, fmt
+    return load_checked(recipe, ("prompt",))
 
 
 def check_chat_template(tokenizer, fmt: str, recipe: Recipe) -> None:
@@ -134,13 +136,22 @@ def pair_lengths(ds, tokenizer) -> list[tuple[int, int]]:
     return [(p, max(c, r)) for p, c, r in zip(n_prompt, n_chosen, n_rejected)]
 
 
+def excerpt(value, n: int = 40) -> str:
+    text = value if isinstance(value, str) else " ".join(str(m.get("content", "")) for m in value or [])
+    return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
 def drop_rows(ds, rows: list[int], key: str, why: str, fix: str):
-    """Drop `rows` with a warning that names them; an error when nothing would be left."""
+    """Drop `rows` with a warning (counted, with the first one quoted: rows of a held-out split are
+    shuffled, so their numbers would not be lines of the file); an error when nothing would be left."""
     if not rows:
         return ds
     if len(rows) == len(ds):
         raise UserError(f"{key}: every example {why}; {fix}")
-    print(f"warning: skipping {key} {rows_text(rows, len(ds))}: {why}; {fix}", flush=True)
+    first = ds[rows[0]]
+    quote = excerpt(first.get("prompt") or first.get("chosen"))
+    print(f"warning: skipping {len(rows)} of {len(ds)} examples in {key}: {why} (the first: {quote}); {fix}",
+          flush=True)
     keep = sorted(set(range(len(ds))) - set(rows))
     return ds.select(keep)
 
@@ -239,15 +250,15 @@ def check_preference_recipe(recipe: Recipe, task: str) -> tuple[list[str], list[
         if task == "reward":
             long = [i for i, (_, n) in enumerate(lengths) if n > max_length]
             if long:
-                notes.append(f"{key}: {rows_text(long, len(ds))} are longer than max_length and will be skipped")
+                notes.append(f"{key}: {len(long)} of {len(ds)} pairs are longer than max_length and will be skipped")
         else:
             long_prompts = [i for i, (p, _) in enumerate(lengths) if p >= max_length]
             long = [i for i, (p, n) in enumerate(lengths) if n > max_length and p < max_length]
             if long_prompts:
-                notes.append(f"{key}: the prompts of {rows_text(long_prompts, len(ds))} fill max_length; "
+                notes.append(f"{key}: the prompts of {len(long_prompts)} of {len(ds)} pairs fill max_length; "
                              "those pairs will be skipped")
             if long:
-                notes.append(f"{key}: {rows_text(long, len(ds))} are longer than max_length; their responses "
+                notes.append(f"{key}: {len(long)} of {len(ds)} pairs are longer than max_length; their responses "
                              "will be cut to fit")
     return [], notes
 

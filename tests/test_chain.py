@@ -12,6 +12,7 @@ from conftest import REPO, invoke
 from finetune.errors import UserError
 from finetune.recipe import Recipe, build_recipe, load_recipe
 from rlhf_helpers import write_preferences
+from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 CHAIN = "tiny-gpt-chain-sft-reward-dpo"
 RLHF_RECIPES = sorted(p.name for p in (Path(REPO) / "recipes").glob("*.yaml")

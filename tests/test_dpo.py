@@ -9,6 +9,7 @@ import pytest
 
 from conftest import invoke
 from rlhf_helpers import logged, logp_margin, preference_rows, supervised_gpt, write_preferences
+from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 FAST = ["--max-steps", "30", "--set", "train.batch_size=16", "--set", "train.logging_steps=5",
         "--set", "data.eval_fraction=0.25", "--set", "dpo.beta=0.1"]

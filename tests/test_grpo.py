@@ -9,6 +9,7 @@ import pytest
 
 from conftest import invoke, write_jsonl
 from rlhf_helpers import good_rate, logged, mean_reward, supervised_gpt, write_preferences, write_prompts
+from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 FAST = ["--max-steps", "30", "--set", "train.batch_size=16", "--set", "train.logging_steps=5",
         "--set", "data.eval_fraction=0.25", "--set", "grpo.num_generations=8",
@@ -111,8 +112,9 @@ def test_prompts_without_room_for_the_completion_are_reported(sft, tmp_path):
     out = grpo("--method", "full", "--model", sft, "--data", data, "-o", tmp_path / "x", "--max-steps", "1",
                "--set", "grpo.reward=rlhf_helpers:soft_place", "--set", "data.eval_fraction=0",
                "--set", "grpo.num_generations=8", "--set", "grpo.max_completion_length=8")
-    assert ("warning: skipping data.train rows 15 (1 of 16): the prompt leaves no room for "
-            "grpo.max_completion_length=8 tokens in the model's context of 128") in out
+    assert ("warning: skipping 1 of 16 examples in data.train: the prompt leaves no room for "
+            "grpo.max_completion_length=8 tokens in the model's context of 128 (the first: 'the red cat the red cat "
+            "the red cat the ...'); shorten those prompts or lower grpo.max_completion_length") in out
     code, out, err = invoke("grpo", "--model", sft, "--data", prompts_file_empty_prompt(tmp_path), "-o", tmp_path / "y",
                             "--set", "grpo.reward=rlhf_helpers:soft_place")
     assert code == 2

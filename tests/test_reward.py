@@ -9,6 +9,7 @@ import pytest
 
 from conftest import invoke, write_jsonl
 from rlhf_helpers import SIMPLE_CHAT_TEMPLATE, chat_rows, preference_rows, write_preferences
+from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 FAST = ["--max-steps", "40", "--set", "train.batch_size=16", "--set", "train.learning_rate=3e-3",
         "--set", "train.logging_steps=5", "--set", "data.eval_fraction=0.25"]
@@ -103,9 +104,8 @@ def test_empty_prompt(tiny_gpt, tmp_path):
     rows[3]["prompt"] = ""
     rows[7]["prompt"] = "   "
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    code, out, err = invoke("reward", "--model", tiny_gpt, "--data", data, "--set", "data.eval_fraction=0",
-                            "-o", tmp_path / "rm")
-    assert code == 2
+    code, out, err = invoke("reward", "--model", tiny_gpt, "--data", data, "-o", tmp_path / "rm")
+    assert code == 2  # rows of the file, although a shuffled eval split is held out of it
     assert errors(err) == [f"error: data.train: empty prompt in '{data}', rows 3, 7 (2 of 10); every row needs the "
                            "prompt the responses answer: fill them in or remove those rows"]
 
@@ -131,8 +131,9 @@ def test_pairs_longer_than_the_context_are_reported_not_cut(tiny_gpt, tmp_path):
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     out = reward("--method", "full", "--model", tiny_gpt, "--data", data, "--set", "data.eval_fraction=0",
                  "--max-steps", "2", "-o", tmp_path / "rm")
-    assert ("warning: skipping data.train rows 2, 5 (2 of 40): longer than data.max_length=128 tokens "
-            "(prompt + response + eos); shorten them or raise data.max_length") in out
+    assert ("warning: skipping 2 of 40 examples in data.train: longer than data.max_length=128 tokens "
+            "(prompt + response + eos) (the first: 'the red cat sat on the mat. the red cat ...'); shorten them or "
+            "raise data.max_length") in out
     # nothing left to train on is an error, not an empty run
     data = write_jsonl(tmp_path / "all-long.jsonl", [dict(r, prompt=long_prompt) for r in rows[:6]])
     code, out, err = invoke("reward", "--model", tiny_gpt, "--data", data, "--set", "data.eval_fraction=0",

@@ -7,6 +7,7 @@ import pytest
 
 from finetune.errors import UserError
 from finetune.rewards import load_reward, reward_input_ids, score_pairs
+from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -104,9 +104,9 @@ def check_lengths(ds, key: str, tokenizer, max_length: int, context: int | None)
                             rlhf.length_fix(max_length, context))
     cut = [i for i, (p, n) in enumerate(lengths) if n > max_length and p < max_length]
     if cut:
-        print(f"warning: {key} {rlhf.rows_text(cut, len(ds))}: prompt + response exceed data.max_length={max_length} "
-              f"tokens; the responses are cut to fit ({rlhf.length_fix(max_length, context)} to keep them whole)",
-              flush=True)
+        print(f"warning: {len(cut)} of {len(ds)} pairs in {key} exceed data.max_length={max_length} tokens (the first: "
+              f"{rlhf.excerpt(ds[cut[0]].get('prompt') or ds[cut[0]]['chosen'])}); their responses are cut to fit "
+              f"({rlhf.length_fix(max_length, context)} to keep them whole)", flush=True)
     return ds_out
 
 

@@ -159,6 +159,6 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         if context:
             long = [i for i, n in enumerate(lengths) if n + spec.max_completion_length > context]
             if long:
-                notes.append(f"{key}: {rlhf.rows_text(long, len(ds))} leave no room for the completion and will "
-                             "be skipped")
+                notes.append(f"{key}: {len(long)} of {len(ds)} prompts leave no room for the completion and "
+                             "will be skipped")
     return problems, notes
