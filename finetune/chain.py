@@ -70,8 +70,9 @@ def describe(chain: Recipe) -> str:
     """The plan: one line per stage with its command, model and run directory."""
     lines = [f"chain: {len(chain.stages or [])} stages in {chain_dir(chain)}/"]
     for i, (stage, recipe) in enumerate(stage_recipes(chain), 1):
+        model = recipe.model.name or recipe.model.config
         lines.append(f"  {i}. {stage.name:<10} finetune {stage.command:<8} ({recipe.task}, {recipe.method})  "
-                     f"model {recipe.model.name or recipe.model.config}  data {recipe.data.train}  -> {recipe.output_dir}")
+                     f"model {model}  data {recipe.data.train}  -> {recipe.output_dir}")
     return "\n".join(lines)
 
 

@@ -132,7 +132,8 @@ def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -
 
     recipe = resolve_recipe(method, recipe_name, overrides, sets, resume)
     if recipe.stages:
-        raise UserError(f"recipe: '{recipe_name}' is a chain (it has stages); run it with `finetune chain {recipe_name}`")
+        raise UserError(f"recipe: '{recipe_name}' is a chain (it has stages); run it with "
+                        f"`finetune chain {recipe_name}`")
     if not training.launched_child() and training.is_main_process():
         training.check_run_dir(recipe.output_dir, overwrite, resume)
     if recipe.train.num_processes > 1 and training.world_size() == 1:
@@ -191,11 +192,11 @@ make_train_command("reward", "Train a reward model on preference pairs (prompt/c
                    task="reward")
 make_train_command("dpo", "Direct preference optimization (trl DPOTrainer) on prompt/chosen/rejected pairs, "
                           "against a frozen reference: the base without the adapter (LoRA) or a copy (full).\n\n"
-                          "Example: finetune dpo --model runs/sft/merged --data prefs.jsonl --set dpo.beta=0.1 -o runs/dpo",
+                          "Example: finetune dpo --model runs/sft/merged --data prefs.jsonl -o runs/dpo",
                    task="dpo")
 make_train_command("grpo", "Online RL without a critic (trl GRPOTrainer): sample several completions per prompt "
                            "and reward them with a reward model or a module:function.\n\n"
-                           "Example: finetune grpo --model gpt2 --data prompts.jsonl --set grpo.reward=runs/gpt2-reward -o runs/grpo",
+                           "Example: finetune grpo --model gpt2 --data prompts.jsonl --set grpo.reward=runs/rm -o runs/grpo",
                    task="grpo")
 
 

@@ -128,6 +128,8 @@ class DpoSpec(Spec):
                        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     # sigmoid: the DPO paper; ipo: bounded, for near-deterministic preferences; robust: noisy labels
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust/exo: assumed share of flipped labels
+    sft_weight: float = Field(0.0, ge=0)  # > 0 adds the chosen responses' language-model loss (RPO; 1.0 in
+    # the paper): DPO alone also lowers the chosen likelihood and can unlearn to stop (eos)
 
 
 class GrpoSpec(Spec):
@@ -140,7 +142,6 @@ class GrpoSpec(Spec):
     beta: float = Field(0.0, ge=0)  # KL penalty toward the starting policy; 0 skips the reference model
 
 
-STAGE_COMMANDS = ("lora", "full", "pretrain", "reward", "dpo", "ppo", "grpo")
 METHOD_COMMANDS = ("lora", "full", "pretrain")
 
 
@@ -441,7 +442,8 @@ def stage_recipes(chain: Recipe) -> list[tuple[StageSpec, Recipe]]:
         sets = flatten(stage.set)
         fixed = "method" if stage.command in METHOD_COMMANDS else "task"
         if fixed in sets:
-            stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; drop it")
+            stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; "
+                                  "drop it")
         if "stages" in sets or any(k.startswith("stages.") for k in sets):
             stage_problems.append(f"{where}.set.stages: a stage runs one recipe and cannot hold stages")
         data[fixed] = stage.command

@@ -22,6 +22,7 @@ from finetune.rewards import is_chat
 
 PREFERENCE_FORMAT = ("preference data needs the columns chosen and rejected (and usually prompt), as plain "
                      "text or as chat messages (trl's standard formats)")
+PROMPT_FORMAT = "prompt-only data needs a prompt column (text or chat messages)"
 
 
 def rows_text(rows: list[int], total: int) -> str:
@@ -47,7 +48,7 @@ def check_columns(ds, key: str, source: str, required: tuple[str, ...], optional
     """Check the columns a task reads; return the data format, "text" or "chat". Raises UserError."""
     missing = [c for c in required if c not in ds.column_names]
     if missing:
-        need = PREFERENCE_FORMAT if "chosen" in required else "prompt-only data needs a prompt column (text or chat messages)"
+        need = PREFERENCE_FORMAT if "chosen" in required else PROMPT_FORMAT
         raise UserError([f"{key}: no column '{c}' in {source}; {need}. Its columns are: {', '.join(ds.column_names)}"
                          for c in missing])
     columns = [c for c in (*required, *optional) if c in ds.column_names]
@@ -100,7 +101,8 @@ def load_prompts(recipe: Recipe):
 
 def check_chat_template(tokenizer, fmt: str, recipe: Recipe) -> None:
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"data.train: holds chat messages, but the tokenizer of '{recipe.model.tokenizer or recipe.model.name}' "
+        source = recipe.model.tokenizer or recipe.model.name
+        raise UserError(f"data.train: holds chat messages, but the tokenizer of '{source}' "
                         "has no chat template; use a chat model's tokenizer (model.tokenizer) or give plain text")
 
 

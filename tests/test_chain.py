@@ -46,7 +46,7 @@ def test_chain_runs_end_to_end_and_resumes(chain_args, tiny_gpt, tmp_path):
     dpo_recipe = load_recipe(str(root / "dpo" / "recipe.yaml"))
     assert reward_recipe.model.name == dpo_recipe.model.name == str(root / "sft" / "merged")
     assert (reward_recipe.task, reward_recipe.method, dpo_recipe.task) == ("reward", "full", "dpo")
-    assert dpo_recipe.dpo.beta == 0.1 and dpo_recipe.train.max_steps == 20  # recipe's stage value, --set stage value
+    assert dpo_recipe.dpo.sft_weight == 1.0 and dpo_recipe.train.max_steps == 20  # the recipe's stage value; --set's
     summary = json.loads((root / "chain.json").read_text())
     assert [s["stage"] for s in summary] == ["sft", "reward", "dpo"]
     assert summary[1]["metrics"]["eval_accuracy"] >= 0.9

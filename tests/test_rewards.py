@@ -138,3 +138,12 @@ def test_unimportable_reward_function(tmp_path, monkeypatch):
                                 "current directory"]
     with pytest.raises(UserError, match="neither a directory with a reward model nor module:function"):
         load_reward("runs/missing-reward-run", "grpo.reward")
+
+
+def test_ready_made_answer_reward():
+    fn = load_reward("finetune.rewards:matches_answer", "grpo.reward")
+    assert fn(["q"] * 3, [" Moo. moo.", " woof.", " "], answer=[" moo.", " moo.", ""]) == [1.0, 0.0, 0.0]
+    chat = [[{"role": "assistant", "content": "Moo."}]]
+    assert fn(["q"], chat, answer=["moo."]) == [1.0]
+    with pytest.raises(UserError, match="needs an `answer` column in the data"):
+        fn(["q"], [" moo."])

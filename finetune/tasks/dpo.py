@@ -10,8 +10,9 @@ The reference: with LoRA, the policy with its adapter disabled (no second model 
 fine-tuning, a frozen copy of the policy made in memory before training (trl would otherwise reload
 it from `config._name_or_path`, which is wrong when the policy was changed in memory, e.g. a LoRA run
 given as model.name and merged on load). Recipe fields: model.*, data.*, lora.*, quant.*, train.*,
-dpo.beta, dpo.loss_type, dpo.label_smoothing. Reports the reward accuracy (the implicit reward of the
-chosen response above the rejected one) and the mean reward margin on held-out pairs.
+dpo.beta, dpo.loss_type, dpo.label_smoothing, dpo.sft_weight. Reports the reward accuracy (the
+implicit reward of the chosen response above the rejected one) and the mean reward margin on
+held-out pairs.
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 6. Train, evaluate, save.
     run_dir = training.start_run(recipe)
+    losses = {spec.loss_type: 1.0, **({"sft": spec.sft_weight} if spec.sft_weight else {})}
     args = training.training_arguments(
-        recipe, run_dir, args_cls=DPOConfig, max_length=max_length, beta=spec.beta, loss_type=[spec.loss_type],
-        label_smoothing=spec.label_smoothing, learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method])
+        recipe, run_dir, args_cls=DPOConfig, max_length=max_length, beta=spec.beta, loss_type=list(losses),
+        loss_weights=list(losses.values()), label_smoothing=spec.label_smoothing,
+        learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method])
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     try:

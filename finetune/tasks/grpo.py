@@ -74,6 +74,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         recipe, run_dir, args_cls=GRPOConfig, num_generations=spec.num_generations,
         max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta,
         learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method],
+        disable_dropout=True,  # as trl's DPO and reward trainers do: dropout would make the policy's log-probs
+        # (and the KL to the reference) noisy; trl's GRPO default keeps it
         include_num_input_tokens_seen="no")  # batches hold prompt/completion ids, not input_ids
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
