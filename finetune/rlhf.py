@@ -242,6 +242,7 @@ def check_preference_recipe(recipe: Recipe, task: str) -> tuple[list[str], list[
         max_length = models.max_length(recipe.data.max_length, config)
     except UserError as e:
         return e.problems, notes
+    problems: list[str] = []
     for ds, key in ((train, "data.train"), (eval_ds, "data.eval")):
         if ds is None:
             continue
@@ -250,19 +251,21 @@ def check_preference_recipe(recipe: Recipe, task: str) -> tuple[list[str], list[
         notes.append(f"{key}: {len(ds)} pairs ({'chat messages' if fmt == 'chat' else 'plain text'}); tokens per "
                      f"prompt + response: mean {stats['mean']:.0f}, max {stats['max']} (max_length {max_length})")
         if task == "reward":
-            long = [i for i, (_, n) in enumerate(lengths) if n > max_length]
-            if long:
-                notes.append(f"{key}: {len(long)} of {len(ds)} pairs are longer than max_length and will be skipped")
+            skipped = [i for i, (_, n) in enumerate(lengths) if n > max_length]
+            what = "are longer than max_length"
         else:
-            long_prompts = [i for i, (p, _) in enumerate(lengths) if p >= max_length]
-            long = [i for i, (p, n) in enumerate(lengths) if n > max_length and p < max_length]
-            if long_prompts:
-                notes.append(f"{key}: the prompts of {len(long_prompts)} of {len(ds)} pairs fill max_length; "
-                             "those pairs will be skipped")
-            if long:
-                notes.append(f"{key}: {len(long)} of {len(ds)} pairs are longer than max_length; their responses "
+            skipped = [i for i, (p, _) in enumerate(lengths) if p >= max_length]
+            what = "have prompts that fill max_length"
+            cut = [i for i, (p, n) in enumerate(lengths) if n > max_length and p < max_length]
+            if cut:
+                notes.append(f"{key}: {len(cut)} of {len(ds)} pairs are longer than max_length; their responses "
                              "will be cut to fit")
-    return [], notes
+        if len(skipped) == len(ds):
+            problems.append(f"{key}: all {len(ds)} pairs {what} ({max_length} tokens); raise data.max_length "
+                            "or shorten them")
+        elif skipped:
+            notes.append(f"{key}: {len(skipped)} of {len(ds)} pairs {what} and will be skipped")
+    return problems, notes
 
 
 # ---------------------------------------------------------------------------------------

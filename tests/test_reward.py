@@ -60,7 +60,7 @@ def test_lora_reward_model_adds_a_distinct_pad_and_reloads(tiny_gpt_nopad, tiny_
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    reward("--model", tiny_gpt_nopad, "--data", prefs, "-o", tmp_path / "rm", *FAST)
+    reward("--model", tiny_gpt_nopad, "--data", prefs, "-o", tmp_path / "rm", *FAST, "--max-steps", "60")
     run = tmp_path / "rm"
     tok = AutoTokenizer.from_pretrained(run)
     assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id

@@ -158,9 +158,11 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         lengths = rlhf.token_counts(tokenizer, ds["prompt"], generation_prompt=True)
         notes.append(f"{key}: {len(ds)} prompts, {max(lengths)} tokens at most, + up to "
                      f"{spec.max_completion_length} generated (context {context})")
-        if context:
-            long = [i for i, n in enumerate(lengths) if n + spec.max_completion_length > context]
-            if long:
-                notes.append(f"{key}: {len(long)} of {len(ds)} prompts leave no room for the completion and "
-                             "will be skipped")
+        long = [i for i, n in enumerate(lengths) if context and n + spec.max_completion_length > context]
+        if long and len(long) == len(ds):
+            problems.append(f"{key}: no prompt leaves room for grpo.max_completion_length="
+                            f"{spec.max_completion_length} tokens in the model's context of {context}")
+        elif long:
+            notes.append(f"{key}: {len(long)} of {len(ds)} prompts leave no room for the completion and will be "
+                         "skipped")
     return problems, notes
