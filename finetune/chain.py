@@ -101,9 +101,24 @@ def finished(recipe: Recipe) -> bool:
     return (recipe.output_dir / "metrics.json").is_file()
 
 
-def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
+def merge_stage(recipe: Recipe) -> None:
+    """A LoRA stage's adapter merged into its base: the plain model directory later stages load."""
     from finetune.inference import merge_run
 
+    out = stage_output(recipe)
+    if out.exists():
+        shutil.rmtree(out)  # a merge interrupted half-way
+    merge_run(recipe.output_dir, out)
+
+
+def check_unchanged(stage_name: str, recipe: Recipe) -> None:
+    saved = recipe.output_dir / "recipe.yaml"
+    if saved.is_file() and saved.read_text() != recipe.to_yaml():
+        raise UserError(f"stage '{stage_name}': its recipe changed since it ran ({saved}); pass --overwrite to run the "
+                        f"whole chain afresh, or delete {recipe.output_dir} to run this stage and the ones after it again")
+
+
+def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     stages = stage_recipes(chain)
     root = chain_dir(chain)
     prepare_dir(root, overwrite, resume)
@@ -117,26 +132,24 @@ def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> l
         run_dir = recipe.output_dir
         header = f"stage {i}/{len(stages)} {stage.name} (finetune {stage.command})"
         if finished(recipe) and not upstream_ran:
-            saved = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else ""
-            if saved != recipe.to_yaml():
-                raise UserError(f"stage '{stage.name}': its recipe changed since it ran ({run_dir}/recipe.yaml); "
-                                f"pass --overwrite to run the whole chain afresh, or delete {run_dir} to run "
-                                "this stage and the ones after it again")
+            check_unchanged(stage.name, recipe)
             if recipe.method == "lora" and not (stage_output(recipe) / "config.json").is_file():
-                merge_run(run_dir, stage_output(recipe), overwrite=True)  # interrupted while merging
+                merge_stage(recipe)  # interrupted while merging
             print(f"\n== {header}: finished earlier, skipped ({run_dir})", flush=True)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             summary.append(stage_summary(stage.name, stage.command, recipe, metrics, None))
             continue
         continue_run = resume and not upstream_ran and bool(complete_checkpoints(run_dir))
-        if run_dir.exists() and not continue_run:
+        if continue_run:
+            check_unchanged(stage.name, recipe)
+        elif run_dir.exists():
             shutil.rmtree(run_dir)  # an interrupted stage without a checkpoint, or one whose input changed
         print(f"\n== {header}{', continued from its last checkpoint' if continue_run else ''} -> {run_dir}",
               flush=True)
         start = time.perf_counter()
         metrics = importlib.import_module(TASKS[recipe.task]).run(recipe, resume=continue_run)
         if recipe.method == "lora":
-            merge_run(run_dir, stage_output(recipe), overwrite=True)
+            merge_stage(recipe)
         upstream_ran = True
         summary.append(stage_summary(stage.name, stage.command, recipe, metrics, time.perf_counter() - start))
 
