@@ -154,6 +154,9 @@ def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -
     from finetune.launch import needs_launch, relaunch
 
     recipe = resolve_recipe(method, recipe_name, overrides, sets, resume)
+    if recipe.stages:
+        raise UserError(f"recipe: '{recipe_name}' is a chain (it has stages); run it with "
+                        f"`finetune chain {recipe_name}`")
     parent = not training.launched_child() and training.world_size() == 1
     if parent:
         env_defaults()
@@ -241,10 +244,50 @@ make_train_command("pretrain", "Train a model from scratch: the architecture fro
 
 # --- RLHF task verbs (reward, dpo, ppo, grpo) are registered here with make_train_command(..., task=...) ---
 
+make_train_command("reward", "Train a reward model on preference pairs (prompt/chosen/rejected): a classifier "
+                             "with one output; reports pairwise accuracy and margin on held-out pairs.\n\n"
+                             "Example: finetune reward --model gpt2 --data prefs.jsonl -o runs/gpt2-reward",
+                   task="reward")
+make_train_command("dpo", "Direct preference optimization (trl DPOTrainer) on prompt/chosen/rejected pairs, "
+                          "against a frozen reference: the base without the adapter (LoRA) or a copy (full).\n\n"
+                          "Example: finetune dpo --model runs/sft/merged --data prefs.jsonl -o runs/dpo",
+                   task="dpo")
+make_train_command("grpo", "Online RL without a critic (trl GRPOTrainer): sample several completions per prompt "
+                           "and reward them with a reward model or a module:function.\n\n"
+                           "Example: finetune grpo --model gpt2 --data prompts.jsonl --set grpo.reward=runs/rm -o runs/grpo",
+                   task="grpo")
+
 make_train_command("ppo", "Reinforce a policy with PPO against a reward model or a Python reward function, "
                           "with a KL penalty to the starting policy.\n\n"
                           "Example: finetune ppo --model gpt2 --data prompts.jsonl "
                           "--set ppo.reward=runs/gpt2-reward -o runs/gpt2-ppo", task="ppo")
+
+
+@app.command()
+def chain(
+    recipe: Annotated[str, typer.Argument(help="A chained recipe (one with `stages:`): a YAML file or a built-in name.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Chain directory (default runs/chain); "
+                                                  "each stage runs in <dir>/<stage name>.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Override a shared field (--set train.max_steps=50) or one stage's "
+                            "(--set stages.dpo.dpo.beta=0.2); repeatable.")] = None,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip finished stages; continue the interrupted one.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a chained recipe: stages such as SFT -> reward -> DPO (or PPO, GRPO), each stage's output
+    feeding the next, each one resumable.
+
+    Example: finetune chain tiny-gpt-chain-sft-reward-dpo -o runs/tiny-chain"""
+
+    def body():
+        from finetune.chain import load_chain, run_chain
+
+        plan = load_chain(recipe, output, set_)
+        env_defaults()
+        run_chain(plan, resume=resume, overwrite=overwrite)
+
+    guarded(debug, body)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +313,11 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         except UserError as e:
             typer.echo(f"recipe: {len(e.problems)} problem(s)")
             raise
+        if r.stages:  # a chain: every stage's recipe is valid; later stages' inputs do not exist yet
+            from finetune.chain import describe
+
+            typer.echo(f"recipe: ok\n{describe(r)}")
+            return
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()
         mod = task_module(r.task)

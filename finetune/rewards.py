@@ -6,15 +6,17 @@
 Both give a `RewardFn(prompts, completions) -> list[float]`, the signature trl's GRPOTrainer
 accepts as a reward function too.
 
-Scoring follows the convention the reward model was trained with (trl's RewardTrainer): the text
-is prompt + completion + eos, tokenized on its own and padded on the RIGHT. Left padding shifts
-GPT-2's absolute positions and can flip scores.
+Scoring follows the convention the reward model was trained with (trl's RewardTrainer, which
+`finetune reward` uses): plain text is prompt + completion + eos; chat messages are rendered with the
+tokenizer's chat template (no eos added). Each text is tokenized on its own and the batch is padded
+on the RIGHT: left padding shifts GPT-2's absolute positions and can flip scores.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,10 @@ def load_reward(source: str, key: str = "reward", device: str | None = None) -> 
         return import_reward_fn(source, key)
     raise UserError(f"{key}: '{source}' is neither a directory with a reward model nor module:function "
                     "(for example my_rewards:length, with my_rewards.py importable from the current directory)")
+
+
+# ---------------------------------------------------------------------------------------
+# module:function
 
 
 def import_reward_fn(spec: str, key: str = "reward") -> RewardFn:
@@ -64,41 +70,130 @@ def import_reward_fn(spec: str, key: str = "reward") -> RewardFn:
     has_var = any(p.kind == p.VAR_POSITIONAL for p in params.values())
     if params and len(positional) < 2 and not has_var:
         raise UserError(f"{key}: '{spec}' must take (prompts, completions) and return one float per completion")
+    # A function with **kwargs also gets the dataset's other columns (GRPO passes them, e.g. a reference answer).
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
 
-    def call(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        scores = fn(prompts, completions)
-        scores = [float(s) for s in scores]
+    def call(prompts: list, completions: list, **kwargs) -> list[float]:
+        scores = list(fn(prompts, completions, **kwargs) if takes_kwargs else fn(prompts, completions))
         if len(scores) != len(completions):
             raise UserError(f"{key}: '{spec}' returned {len(scores)} scores for {len(completions)} completions")
-        return scores
+        try:
+            return [float(s) for s in scores]
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{key}: '{spec}' returned a score that is not a number ({e})") from e
 
     call.__name__ = attr
     return call
+
+
+def matches_answer(prompts: list, completions: list, answer: list | None = None, **kwargs) -> list[float]:
+    """A ready-made reward function, `finetune.rewards:matches_answer`: 1.0 when a completion starts
+    with its example's `answer` column (case and surrounding spaces ignored), else 0.0."""
+    if answer is None:
+        raise UserError("reward: finetune.rewards:matches_answer needs an `answer` column in the data "
+                        "(the expected answer of each prompt)")
+    texts = [c[-1]["content"] if is_chat(c) else c for c in completions]
+    return [float(bool(a.strip()) and t.strip().lower().startswith(a.strip().lower())) for t, a in zip(texts, answer)]
+
+
+# ---------------------------------------------------------------------------------------
+# Reward-model directory
 
 
 def reward_model_fn(path: Path, key: str = "reward", device: str | None = None,
                     batch_size: int = 16) -> RewardFn:
     """Score texts with a sequence-classification model that has exactly one output."""
     model, tokenizer = load_reward_model(path, key)
-    import torch
-
     if device:
         model.to(device)
     model.eval()
 
-    def score(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        texts = [p + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
-        out: list[float] = []
-        dev = next(model.parameters()).device
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="right")
-            with torch.no_grad():
-                logits = model(**{k: v.to(dev) for k, v in enc.items()}).logits
-            out += logits[:, 0].float().tolist()
-        return out
+    def score(prompts: list, completions: list, **kwargs) -> list[float]:
+        return score_pairs(model, tokenizer, prompts, completions, batch_size)
 
     score.__name__ = f"reward_model_{path.name}"
     return score
+
+
+def is_chat(value) -> bool:
+    """A list of {"role", "content"} messages (trl's conversational format)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
+    """Token ids of one prompt+completion exactly as trl's RewardTrainer builds them for training."""
+    if is_chat(prompt) or is_chat(completion):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("reward: chat messages need a tokenizer with a chat template; this one has none")
+        messages = (prompt if is_chat(prompt) else []) + (completion if is_chat(completion) else [])
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    text = (prompt or "") + completion
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text)["input_ids"]
+
+
+def score_pairs(model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+    """One score per prompt+completion, right-padded batches (the reward model's training convention)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = [reward_input_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    out: list[float] = []
+    for i in range(0, len(ids), batch_size):
+        batch = tokenizer.pad({"input_ids": ids[i:i + batch_size]}, padding=True, padding_side="right",
+                              return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        out += logits[:, 0].float().tolist()
+    return out
+
+
+def reward_head_outputs(path: Path) -> int | None:
+    """Outputs of the classification head an adapter run saved with it (None: no head saved)."""
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            head = name.rsplit(".", 2)
+            if name.endswith(".weight") and len(head) == 3 and head[-2] in ("score", "classifier", "out_proj"):
+                shape = f.get_slice(name).get_shape()
+                if len(shape) == 2:
+                    return shape[0]
+    return None
+
+
+def check_reward_dir(path: Path, key: str = "reward") -> None:
+    """Fail before loading weights when `path` is not a one-output reward model."""
+    from finetune.adapters import is_adapter_dir
+
+    hint = f"train one with `finetune reward --model {path}`"
+    if is_adapter_dir(path):
+        config = json.loads((path / "adapter_config.json").read_text())
+        if config.get("task_type") not in (None, "SEQ_CLS"):
+            raise UserError(f"{key}: '{path}' holds a {config['task_type']} adapter, not a reward model; {hint}")
+        outputs = reward_head_outputs(path)
+        if outputs is None:
+            raise UserError(f"{key}: the adapter in '{path}' holds no reward head (score weights); "
+                            "train it with `finetune reward`, which saves the head with the adapter")
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        archs = config.get("architectures") or []
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UserError(f"{key}: '{path}' is a {archs[0]}, not a reward model (no score head); {hint}")
+        outputs = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    else:
+        if (path / "recipe.yaml").is_file():
+            raise UserError(f"{key}: run '{path}' holds no trained model yet (interrupted?); "
+                            f"continue it with --resume -o {path}")
+        raise UserError(f"{key}: '{path}' holds no model (no config.json or adapter_config.json)")
+    if outputs != 1:
+        raise UserError(f"{key}: the model in '{path}' has {outputs} outputs; a reward model has exactly one "
+                        "(train one with `finetune reward`)")
 
 
 def load_reward_model(path: Path, key: str = "reward"):
@@ -107,21 +202,23 @@ def load_reward_model(path: Path, key: str = "reward"):
 
     from finetune.adapters import is_adapter_dir
 
-    if not (path / "config.json").exists() and not is_adapter_dir(path):
-        raise UserError(f"{key}: '{path}' holds no model (no config.json or adapter_config.json)")
-    if is_adapter_dir(path):
-        from peft import AutoPeftModelForSequenceClassification
+    check_reward_dir(path, key)
+    from transformers.utils import logging as hf_logging
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
-        model = model.merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path))
-    num_labels = model.config.num_labels
-    if num_labels != 1:
-        raise UserError(f"{key}: the model in '{path}' has {num_labels} outputs; a reward model has exactly one "
-                        "(train one with `finetune reward`)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized" report: the adapter brings it
+    try:
+        if is_adapter_dir(path):
+            from peft import AutoPeftModelForSequenceClassification
+
+            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+            model = model.merge_and_unload()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token  # as RewardTrainer did when this model was trained
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
