@@ -91,6 +91,24 @@ def load_splits(spec: DataSpec, seed: int = 42):
     return train, eval_ds
 
 
+def load_text_splits(spec: DataSpec, seed: int = 42):
+    """(train, eval) of a text task: the text column checked in both, empty texts dropped (with a
+    warning for train: `finetune validate` lists their rows)."""
+    train, eval_ds = load_splits(spec, seed)
+    column = spec.text_column
+    for ds, key, source in ((train, "data.train", spec.train), (eval_ds, "data.eval", spec.eval)):
+        if ds is not None:
+            require_columns(ds, {"data.text_column": column}, f"{key} '{source or spec.train}'")
+    empty = empty_rows(train, column)
+    if empty:
+        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists their rows)",
+              flush=True)
+        train = drop_empty(train, column)
+    if eval_ds is not None:
+        eval_ds = drop_empty(eval_ds, column)
+    return train, eval_ds
+
+
 def require_columns(ds, columns: dict[str, str], source: str) -> None:
     """`columns` maps recipe key -> column name; one problem per missing column."""
     problems = []

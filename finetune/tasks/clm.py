@@ -27,17 +27,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     column = recipe.data.text_column
 
     # 1. Data: load, check the text column, drop empty texts.
-    train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
-    for ds, key, source in ((train_raw, "data.train", recipe.data.train), (eval_raw, "data.eval", recipe.data.eval)):
-        if ds is not None:
-            D.require_columns(ds, {"data.text_column": column}, f"{key} '{source or recipe.data.train}'")
-    empty = D.empty_rows(train_raw, column)
-    if empty:
-        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists their rows)",
-              flush=True)
-        train_raw = D.drop_empty(train_raw, column)
-    if eval_raw is not None:
-        eval_raw = D.drop_empty(eval_raw, column)
+    train_raw, eval_raw = D.load_text_splits(recipe.data, recipe.train.seed)
 
     # 2. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus.
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
