@@ -34,22 +34,28 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt(tmp_path_factory) -> str:
-    """A 2-layer GPT-2 (hidden 32) with a BPE tokenizer that has a pad token distinct from eos."""
+def new_tiny_gpt(n_embd: int = 32):
+    """(model, tokenizer): a 2-layer GPT-2 with random weights (seed 0, no dropout) and a BPE tokenizer
+    trained on `toy_sentences`, with a pad token distinct from eos."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from finetune.models import train_bpe_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-gpt")
     tok = train_bpe_tokenizer(toy_sentences(500, seed=1), vocab_size=300)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+    config = GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=2, n_head=2, n_positions=128,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    import torch
-
     torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    return GPT2LMHeadModel(config), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory) -> str:
+    """A 2-layer GPT-2 (hidden 32) with a BPE tokenizer that has a pad token distinct from eos."""
+    path = tmp_path_factory.mktemp("tiny-gpt")
+    model, tok = new_tiny_gpt(32)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 

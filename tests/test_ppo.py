@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import COLORS, REPO, cli, invoke, toy_sentences, write_jsonl
+from conftest import COLORS, REPO, cli, invoke, new_tiny_gpt, toy_sentences, write_jsonl
 
 RECIPE = str(Path(REPO) / "recipes" / "tiny-gpt-lora-ppo-toy.yaml")
 REWARDS = '''import re
@@ -33,16 +33,8 @@ LOG_KEYS = {"step", "reward", "kl", "entropy", "policy_loss", "value_loss", "cli
 def sft_policy(path: Path) -> None:
     """A tiny GPT-2 that writes the toy sentences (so that generations are not noise)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.models import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(toy_sentences(500, seed=1), vocab_size=300)
-    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
+    model, tok = new_tiny_gpt(64)
     docs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in toy_sentences(400)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(0)

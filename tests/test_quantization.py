@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke
+from conftest import invoke, new_tiny_gpt
 
 
 def qlora_recipe(tiny_gpt, toy_text, out, bits, steps, eval_steps=None):
@@ -47,19 +47,9 @@ def logged(run_dir: Path, key: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def gpt64(tmp_path_factory) -> str:
     """A 2-layer GPT-2 of hidden size 64: enough width for LoRA alone to lower the loss quickly."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conftest import toy_sentences
-    from finetune.models import train_bpe_tokenizer
-
     path = tmp_path_factory.mktemp("gpt64")
-    tok = train_bpe_tokenizer(toy_sentences(500, seed=1), vocab_size=300)
-    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    model, tok = new_tiny_gpt(64)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
