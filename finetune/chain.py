@@ -25,17 +25,17 @@ last checkpoint, and reruns every stage after one that ran again (its input chan
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import UserError, did_you_mean
-from finetune.recipe import (TASKS, Recipe, build_recipe, chain_dir, find_recipe, parse_override, read_recipe_file,
+from finetune.errors import Stopped, UserError, did_you_mean
+from finetune.recipe import (Recipe, build_recipe, chain_dir, find_recipe, parse_override, read_recipe_file,
                              stage_output, stage_recipes)
-from finetune.training import complete_checkpoints
+from finetune.checkpoints import complete_checkpoints
+from finetune.run import execute
 
 SHOWN = ("final_train_loss", "eval_loss", "eval_accuracy", "eval_margin", "margin_start", "margin_end",
          "reward_start", "reward_end", "eval_reward")
@@ -94,7 +94,27 @@ def prepare_dir(root: Path, overwrite: bool, resume: bool) -> None:
     if not overwrite:
         raise UserError(f"--output: '{root}' already holds a chain; pass --resume to continue it (finished stages "
                         "are skipped), --overwrite to start afresh, or choose another --output")
-    shutil.rmtree(root)
+    # --overwrite deletes nothing here: each stage replaces its own earlier run only when it finishes
+
+
+def check_inputs(stages, root: Path) -> None:
+    """Every stage's data files, and the models that exist already, before the first stage trains (each
+    stage's full pre-flight runs again when it starts, through run.execute)."""
+    from finetune.data import check_sources
+    from finetune.models import check_model_files
+
+    problems = []
+    for i, (stage, recipe) in enumerate(stages):
+        where = f"stages[{i}] ({stage.name})"
+        try:
+            check_sources(recipe.data)
+            name = recipe.model.name
+            if name and not Path(name).resolve().is_relative_to(root.resolve()):  # not an earlier stage's output
+                check_model_files(name, "model.name")
+        except UserError as e:
+            problems += [f"{where}: {p}" for p in e.problems]
+    if problems:
+        raise UserError(problems)
 
 
 def finished(recipe: Recipe) -> bool:
@@ -121,13 +141,14 @@ def check_unchanged(stage_name: str, recipe: Recipe) -> None:
 def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     stages = stage_recipes(chain)
     root = chain_dir(chain)
+    check_inputs(stages, root)
     prepare_dir(root, overwrite, resume)
     root.mkdir(parents=True, exist_ok=True)
     (root / "chain.yaml").write_text(chain.to_yaml())
     print(describe(chain), flush=True)
 
     summary: list[dict[str, Any]] = []
-    upstream_ran = False  # once a stage runs again, every later stage has a new input
+    upstream_ran = overwrite  # once a stage runs again, every later stage has a new input
     for i, (stage, recipe) in enumerate(stages, 1):
         run_dir = recipe.output_dir
         header = f"stage {i}/{len(stages)} {stage.name} (finetune {stage.command})"
@@ -142,12 +163,19 @@ def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> l
         continue_run = resume and not upstream_ran and bool(complete_checkpoints(run_dir))
         if continue_run:
             check_unchanged(stage.name, recipe)
-        elif run_dir.exists():
-            shutil.rmtree(run_dir)  # an interrupted stage without a checkpoint, or one whose input changed
+        # an interrupted stage without a checkpoint, or one whose input changed, is replaced, through
+        # the same lifecycle as any run: the old one goes only when the new one finishes
+        replace = not continue_run and run_dir.exists() and any(run_dir.iterdir())
         print(f"\n== {header}{', continued from its last checkpoint' if continue_run else ''} -> {run_dir}",
               flush=True)
         start = time.perf_counter()
-        metrics = importlib.import_module(TASKS[recipe.task]).run(recipe, resume=continue_run)
+        try:
+            metrics = execute(recipe, resume=continue_run, overwrite=replace)
+        except Stopped as e:  # interrupted or diverged: the chain resumes as a whole
+            lines = [ln for ln in e.lines if not ln.startswith("continue with:")]
+            if e.code in (130, 143):
+                lines.append(f"continue the chain with: finetune chain {root / 'chain.yaml'} --resume -o {root}")
+            raise Stopped(lines, e.code) from e
         if recipe.method == "lora":
             merge_stage(recipe)
         upstream_ran = True

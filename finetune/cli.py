@@ -6,7 +6,6 @@ answers at once; each command imports what it needs when it runs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from finetune import __version__
-from finetune.errors import UserError
+from finetune.errors import Stopped, UserError
 
 app = typer.Typer(
     name="finetune",
@@ -52,6 +51,10 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         if debug:
             raise
         fail(e.problems)
+    except Stopped as e:  # interrupted (143/130) or diverged (3): the lines say what was kept
+        for line in e.lines:
+            typer.secho(line, err=True, fg=typer.colors.RED if line.startswith("error") else None)
+        raise typer.Exit(e.code)
     except KeyboardInterrupt:
         typer.secho("interrupted; continue from the last checkpoint with --resume", err=True)
         raise typer.Exit(130)
@@ -66,22 +69,15 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
 
 
 def task_module(task: str):
-    from finetune.recipe import TASKS
+    from finetune.run import task_module as find
 
-    return importlib.import_module(TASKS[task])
+    return find(task)
 
 
 def env_defaults() -> None:
-    """Offline-safe defaults before any Hugging Face import."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from finetune.models import hub_reachable
+    from finetune.run import env_defaults as defaults
 
-    if not hub_reachable():
-        # Without these, a Hub id retries for ~46 s and evaluate fetches metric scripts.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+    defaults()
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,67 +131,16 @@ def scale_overrides(quant=None, bf16=False, fp16=False, distributed=None, num_ma
 
 
 def resolve_recipe(method: str | None, recipe: str | None, overrides: dict[str, Any], sets: list[str] | None,
-                   resume: bool):
-    from finetune.recipe import build_recipe, find_recipe, load_recipe, read_recipe_file
+                   resume: bool, allow_chain: bool = False):
+    from finetune.run import resolve
 
-    overrides = {"method": method, **overrides}  # None: the recipe's own method (default lora)
-    # `--resume -o DIR` alone continues DIR with the recipe it was started with.
-    if recipe is None and resume and overrides.get("train.output_dir"):
-        saved = Path(overrides["train.output_dir"]) / "recipe.yaml"
-        if saved.is_file():
-            return build_recipe(read_recipe_file(saved), overrides, sets)
-    if recipe is not None:
-        find_recipe(recipe)
-    return load_recipe(recipe, overrides, sets)
+    return resolve(method, recipe, overrides, sets, resume, allow_chain)
 
 
 def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -> None:
-    from finetune import training
-    from finetune.launch import needs_launch, relaunch
+    from finetune.run import execute
 
-    recipe = resolve_recipe(method, recipe_name, overrides, sets, resume)
-    if recipe.stages:
-        raise UserError(f"recipe: '{recipe_name}' is a chain (it has stages); run it with "
-                        f"`finetune chain {recipe_name}`")
-    parent = not training.launched_child() and training.world_size() == 1
-    if parent:
-        env_defaults()
-        start_checks(recipe)
-        # Machine 0 owns the run directory; the other machines' launchers must not clear or refuse it.
-        if training.is_main_process() and recipe.train.machine_rank == 0:
-            training.check_run_dir(recipe.output_dir, overwrite, resume)
-        if needs_launch(recipe):
-            relaunch(recipe, resume)
-            return
-    env_defaults()
-    from finetune.memory import run_with_auto_batch
-
-    run_with_auto_batch(recipe, lambda r: task_module(r.task).run(r, resume=resume))
-
-
-def start_checks(recipe) -> None:
-    """Before loading anything: precision the device can run, a base bitsandbytes can quantise, and a
-    warning when the memory estimate does not fit the GPU."""
-    from finetune.launch import check_distributed
-    from finetune.memory import check_precision
-
-    check_precision(recipe)
-    check_distributed(recipe)
-    from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
-
-    if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:
-        check_quantizable(recipe)
-    if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
-        typer.echo("note: --distributed ddp with one process runs without a launcher; pass --num-processes N")
-    import torch
-
-    if torch.cuda.is_available() and recipe.model.name:
-        from finetune.memory import estimate, fit_problems
-
-        for p in fit_problems(recipe, estimate(recipe)):
-            typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
-
-
+    execute(resolve_recipe(method, recipe_name, overrides, sets, resume), resume=resume, overwrite=overwrite)
 
 
 def make_train_command(name: str, summary: str, task: str | None = None) -> None:
@@ -309,7 +254,7 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         scale = scale_overrides(quant, bf16, fp16, distributed)
         overrides = flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes, scale)
         try:
-            r: Recipe = resolve_recipe(method, recipe, overrides, set_, False)
+            r: Recipe = resolve_recipe(method, recipe, overrides, set_, False, allow_chain=True)
         except UserError as e:
             typer.echo(f"recipe: {len(e.problems)} problem(s)")
             raise

@@ -32,6 +32,7 @@ def load_source(name: str, key: str, split: str = "train", config: str | None = 
             if builder is None:
                 raise UserError(f"{key}: cannot read '{name}': use .jsonl, .json, .csv, .parquet or .txt")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds.data.table.validate(full=True)  # Arrow keeps bytes that are not UTF-8 until a row is read
         elif path.is_dir():
             ds = load_folder(path, key)
         elif looks_like_file(name):
@@ -48,10 +49,58 @@ def load_source(name: str, key: str, split: str = "train", config: str | None = 
     except Exception as e:  # datasets raises many types for unreadable files
         from finetune.models import first_line
 
-        raise UserError(f"{key}: could not read '{name}': {first_line(e)}") from e
+        why = file_problem(path, key, name) if path.is_file() else None
+        raise UserError(why or f"{key}: could not read '{name}': {first_line(e)}") from e
     if len(ds) == 0:
         raise UserError(f"{key}: '{name}' has no rows")
     return ds
+
+
+def check_sources(spec: DataSpec) -> None:
+    """Pre-flight: each local data source exists and is not empty (reading it is the task's job)."""
+    problems = []
+    for key, name in (("data.train", spec.train), ("data.eval", spec.eval)):
+        if not name:
+            continue
+        path = Path(name).expanduser()
+        if path.is_file() and path.stat().st_size == 0:
+            problems.append(f"{key}: '{name}' is empty; give a file with at least one row")
+        elif not path.exists() and looks_like_file(name):
+            problems.append(f"{key}: no such file '{name}'")
+    if problems:
+        raise UserError(problems)
+
+
+def file_problem(path: Path, key: str, name: str) -> str | None:
+    """What is wrong with a local data file datasets could not read: empty, not UTF-8, a bad JSON line."""
+    import json
+
+    if path.stat().st_size == 0:
+        return f"{key}: '{name}' is empty; give a file with at least one row"
+    suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{key}: '{name}' line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the "
+                        "file as UTF-8 (for example: iconv -f latin1 -t utf-8)")
+            if suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return f"{key}: '{name}' line {n} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it"
+    return None
+
+
+def text_problems(ds, column: str, key: str, source: str) -> list[str]:
+    """A text column must hold strings: numbers or lists (or a mix) are named with their first row."""
+    for n, value in enumerate(ds[column], 1):
+        if value is not None and not isinstance(value, str):
+            kind = type(value).__name__
+            return [f"{key}: column '{column}' of '{source}' holds {kind} values (row {n}: {str(value)[:40]!r}), "
+                    f"not text; set data.text_column to a column of strings"]
+    return []
 
 
 def load_folder(path: Path, key: str):
@@ -99,7 +148,14 @@ def load_text_splits(spec: DataSpec, seed: int = 42):
     for ds, key, source in ((train, "data.train", spec.train), (eval_ds, "data.eval", spec.eval)):
         if ds is not None:
             require_columns(ds, {"data.text_column": column}, f"{key} '{source or spec.train}'")
+    problems = text_problems(train, column, "data.train", spec.train)
+    if eval_ds is not None:
+        problems += text_problems(eval_ds, column, "data.eval", spec.eval or spec.train)
+    if problems:
+        raise UserError(problems)
     empty = empty_rows(train, column)
+    if len(empty) == len(train):
+        raise UserError(f"data.train: every text in '{spec.train}' is empty (column '{column}'); nothing to train on")
     if empty:
         print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists their rows)",
               flush=True)

@@ -92,10 +92,10 @@ def write_data(data_dir: Path, n_stories: int = 6000, seed: int = 0) -> tuple[Pa
 
 
 def run_demo(out: Path, overwrite: bool = False) -> None:
-    from finetune import training
+    from finetune import checkpoints, rundir
     from finetune.inference import generate_text
     from finetune.recipe import load_recipe
-    from finetune.tasks import clm
+    from finetune.run import execute
 
     pre_dir, lora_dir = out / "pretrain", out / "lora"
     if out.exists() and any(out.iterdir()):
@@ -104,8 +104,8 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
                             "or choose another --output")
         if not (out / "data" / "stories.txt").exists():
             raise UserError(f"--output: '{out}' is not empty and holds no demo; choose another directory")
-    for d in (pre_dir, lora_dir):
-        training.check_run_dir(d, overwrite, resume=False)
+    for d in (pre_dir, lora_dir):  # before anything is written
+        rundir.check(d, overwrite, resume=False, has_checkpoint=checkpoints.latest(d) is not None)
 
     print(f"[1/4] writing the demo data to {out / 'data'}/", flush=True)
     corpus, qa = write_data(out / "data")
@@ -114,13 +114,13 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
     pre_cmd = f"finetune pretrain tiny-gpt-pretrain-stories --data {corpus} -o {pre_dir}"
     pre = load_recipe("tiny-gpt-pretrain-stories", {"method": "pretrain", "data.train": str(corpus),
                                                     "train.output_dir": str(pre_dir)})
-    pre_metrics = clm.run(pre)
+    pre_metrics = execute(pre, overwrite=overwrite)
 
     print("\n[3/4] LoRA fine-tuning it to answer questions", flush=True)
     lora_cmd = f"finetune lora tiny-gpt-lora-animal-qa --model {pre_dir} --data {qa} -o {lora_dir}"
     lora = load_recipe("tiny-gpt-lora-animal-qa", {"method": "lora", "model.name": str(pre_dir),
                                                    "data.train": str(qa), "train.output_dir": str(lora_dir)})
-    lora_metrics = clm.run(lora)
+    lora_metrics = execute(lora, overwrite=overwrite)
 
     print("\n[4/4] asking about animals it never saw a question about:", flush=True)
     correct = 0

@@ -17,6 +17,15 @@ class UserError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class Stopped(Exception):
+    """A run that stopped on purpose: interrupted (SIGTERM 143, Ctrl-C 130) or diverged (3). The CLI prints
+    `lines` as they are and exits with `code`, without a traceback."""
+
+    def __init__(self, lines: list[str], code: int):
+        self.lines, self.code = lines, code
+        super().__init__("\n".join(lines))
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """` (did you mean 'x'?)` when a close match exists, else an empty string."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -173,8 +173,12 @@ def check_distributed(recipe) -> None:
               "FSDP shards only on GPUs", flush=True)
 
 
-def relaunch(recipe, resume: bool = False) -> None:
-    """Run this same command line as the ranks of `launch_config(recipe)` on this machine and wait."""
+def relaunch(recipe, resume: bool = False) -> int:
+    """Run this same command line as the ranks of `launch_config(recipe)` on this machine and wait; returns
+    the launcher's exit code. A SIGTERM sent to this process alone is passed on to the ranks, which save a
+    checkpoint and stop (a Ctrl-C reaches them directly, from the terminal)."""
+    import signal
+
     import yaml
 
     t = recipe.train
@@ -191,13 +195,17 @@ def relaunch(recipe, resume: bool = False) -> None:
           f"--config_file <launch-config> -m finetune {' '.join(argv)}", flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="finetune-accelerate-", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    previous = {}
     try:
-        code = subprocess.call(launch_command(f.name, argv), env=env)
+        proc = subprocess.Popen(launch_command(f.name, argv), env=env)
+        forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                    signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None)}
+        return proc.wait()
     finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
         os.unlink(f.name)
-    if code != 0:
-        raise UserError(f"--num-processes: the {local} process{'es' if local > 1 else ''} on this machine failed "
-                        f"(exit code {code}); the lines above say why")
 
 
 # ---------------------------------------------------------------------------------------

@@ -69,6 +69,19 @@ def check_source(name: str, key: str, filename: str = "config.json") -> str:
     return name
 
 
+def check_model_files(name: str, key: str) -> None:
+    """Pre-flight: the model exists (or is a reachable Hub id) and its local weight files are whole."""
+    from finetune.checkpoints import safetensors_problem
+
+    check_source(name, key)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for weights in sorted(path.glob("*.safetensors")):
+            if why := safetensors_problem(weights):
+                raise UserError(f"{key}: '{weights}' is {why}; the model directory is damaged: copy or "
+                                "download the model again")
+
+
 def has_tokenizer(directory: str) -> bool:
     return any((Path(directory) / f).exists() for f in TOKENIZER_FILES)
 

@@ -37,6 +37,8 @@ from torch import nn
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, pad, selective_log_softmax
 
+from finetune import guards
+from finetune.checkpoints import write_manifest
 from finetune.recipe import PpoSpec, TrainSpec
 
 
@@ -322,12 +324,19 @@ class PpoTrainer:
                       f"entropy {metrics['entropy']:.3f}  length {metrics['response_length']:.1f}  "
                       f"policy_loss {metrics['policy_loss']:.4f}  value_loss {metrics['value_loss']:.4f}  "
                       f"clip {metrics['clip_fraction']:.3f}", flush=True)
-            if (it + 1) % self.train_spec.save_steps == 0 or it + 1 == iterations:
+            # guards.py: a non-finite loss stops the run; SIGTERM/Ctrl-C save a checkpoint here and stop
+            losses = [metrics["policy_loss"], metrics["value_loss"]]
+            if not all(math.isfinite(v) for v in losses):
+                raise guards.Diverged(it + 1, f"the PPO losses are not finite (policy {losses[0]}, value {losses[1]})")
+            signum = guards.agreed(guards.stop_requested(), acc.device)
+            if (it + 1) % self.train_spec.save_steps == 0 or it + 1 == iterations or signum is not None:
                 self.save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{it + 1}", it + 1)
             if acc.is_main_process:
                 for cb in callbacks or []:
                     if callable(cb):
                         cb(record)
+            if signum is not None and it + 1 < iterations:
+                raise guards.Interrupted(signum, it + 1, str(run_dir / "checkpoints" / f"checkpoint-{it + 1}"))
         self.check_in_sync()
 
     def check_in_sync(self) -> None:
@@ -383,6 +392,7 @@ class PpoTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (directory / "trainer_state.json").write_text(json.dumps({"global_step": iteration}) + "\n")
+            write_manifest(directory)
             self.prune_checkpoints(directory.parent)
 
     def prune_checkpoints(self, root: Path) -> None:

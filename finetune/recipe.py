@@ -43,7 +43,8 @@ Method = Literal["lora", "full", "pretrain"]
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: `learning_rate: .inf` or `nan` is an error, not a run that diverges at once
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelSpec(Spec):
@@ -90,7 +91,7 @@ class QuantSpec(Spec):
 
 class TrainSpec(Spec):
     output_dir: str | None = None  # unset: runs/<model>-<task>-<method>
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs; -1: train.epochs decides
     epochs: float = Field(1.0, gt=0)
     learning_rate: float | None = Field(None, gt=0)  # unset: 2e-4 LoRA, 5e-5 full, 1e-3 pretrain
     batch_size: int = Field(8, gt=0)  # per device
@@ -100,7 +101,7 @@ class TrainSpec(Spec):
     scheduler: str = "linear"  # any transformers scheduler name (cosine, constant, ...)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # unset: evaluate once, at the end
     save_steps: int = Field(500, gt=0)  # checkpoint every N steps (what --resume continues from)
@@ -116,7 +117,31 @@ class TrainSpec(Spec):
     machine_rank: int = Field(0, ge=0)  # multi-node: this machine, 0 .. num_machines-1 (machine 0 writes the run)
     main_process_ip: str | None = None  # multi-node: address of machine 0, reachable from every machine
     main_process_port: int | None = Field(None, gt=0, lt=65536)  # unset: 29500 multi-node, a free port otherwise
+    nan_patience: int = Field(0, ge=0)  # non-finite gradient steps skipped in a row before the run stops
     trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, v):
+        if v == 0:
+            raise PydanticCustomError("max_steps", "0 trains nothing; give a positive number of steps, or -1 to "
+                                      "let train.epochs decide")
+        return v
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _no_secrets(cls, v):
+        problems = []
+        for key, value in v.items():
+            if re.search(r"(^|_)token$", key) and value:
+                problems.append(f"'{key}' holds a secret, which would be written to recipe.yaml and every "
+                                "checkpoint; drop it and set the HF_TOKEN environment variable instead")
+            if key == "enable_jit_checkpoint" and value:
+                problems.append("'enable_jit_checkpoint': finetune itself saves a checkpoint on SIGTERM and "
+                                "stops with exit code 143; drop it")
+        if problems:
+            raise PydanticCustomError("trainer_args", "; ".join(problems))
+        return v
 
 
 # --- task sections: encoder, encoder-decoder and vision tasks ---

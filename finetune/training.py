@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +24,6 @@ from typing import Any, Callable
 from finetune.errors import UserError, did_you_mean
 from finetune.metrics import perplexity
 from finetune.recipe import Recipe
-
-RUN_MARKERS = ("recipe.yaml", "checkpoints", "metrics.json", "adapter_config.json", "model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,48 +44,7 @@ def launched_child() -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Run directory
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS)
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints that were written to the end (trainer_state.json is saved last), oldest first.
-
-    A half-written checkpoint-N (a run killed while saving) is skipped, so resuming falls back
-    to the previous one instead of crashing.
-    """
-    ckpt_root = run_dir / "checkpoints"
-    found = []
-    for d in ckpt_root.glob("checkpoint-*"):
-        step = d.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (d / "trainer_state.json").is_file():
-            found.append((int(step), d))
-    return [d for _, d in sorted(found)]
-
-
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an earlier run unless the user said --overwrite or --resume."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume: choose one (--resume continues the run, --overwrite replaces it)")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--output: '{run_dir}' is a file; choose a directory")
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume:
-        if not exists or not complete_checkpoints(run_dir):
-            raise UserError(f"--resume: no complete checkpoint in '{run_dir / 'checkpoints'}'; "
-                            "run without --resume to start afresh")
-        return
-    if not exists:
-        return
-    if not is_run_dir(run_dir):
-        raise UserError(f"--output: '{run_dir}' is not empty and holds no finetune run; choose another directory")
-    if not overwrite:
-        raise UserError(f"--output: '{run_dir}' already holds a run; pass --resume to continue it, --overwrite "
-                        "to replace it, or choose another --output")
-    shutil.rmtree(run_dir)
+# Run directory (claimed by run.py before a task starts; see rundir.py and checkpoints.py)
 
 
 def start_run(recipe: Recipe) -> Path:
@@ -109,7 +66,7 @@ def corpus_tokenizer(run_dir: Path, resume: bool, train: Callable[[], Any]):
     """
     from transformers import AutoTokenizer
 
-    checkpoint = resume_checkpoint(run_dir) if resume else None
+    checkpoint = resume_checkpoint(run_dir, report=False) if resume else None
     if checkpoint:
         return AutoTokenizer.from_pretrained(checkpoint)
     if world_size() == 1:
@@ -126,9 +83,12 @@ def corpus_tokenizer(run_dir: Path, resume: bool, train: Callable[[], Any]):
     return tokenizer
 
 
-def resume_checkpoint(run_dir: Path) -> str | None:
-    ckpts = complete_checkpoints(run_dir)
-    return str(ckpts[-1]) if ckpts else None
+def resume_checkpoint(run_dir: Path, report: bool = True) -> str | None:
+    """The newest complete checkpoint (printing which, and any damaged newer one skipped)."""
+    from finetune.checkpoints import latest
+
+    found = latest(run_dir, report=report and is_main_process())
+    return str(found) if found else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,6 +132,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Non-finite losses are logged as they are (the default replaces them with an average, which
+        # hides a diverging run); with train.nan_patience, skipped steps' losses are left out.
+        logging_nan_inf_filter=t.nan_patience > 0,
     )
     if recipe.method == "lora":
         kwargs["ddp_find_unused_parameters"] = False
@@ -195,9 +158,26 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
 # Logging
 
 
+def callbacks(recipe: Recipe, run_dir: Path, resume_step: int = 0) -> list:
+    """What every Trainer of a run gets: the log, the guards (guards.py), checkpoint manifests."""
+    from finetune.checkpoints import manifest_callback
+    from finetune.guards import guard_callback
+
+    return [log_callback(run_dir, resume_step), guard_callback(recipe.train.nan_patience), manifest_callback()]
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a non-finite number is written as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
 def log_callback(run_dir: Path, resume_step: int = 0):
     """A TrainerCallback writing log.jsonl on the main process. On resume, lines after the
-    checkpoint's step are dropped so the log reads as one uninterrupted run."""
+    checkpoint's step are dropped so the log reads as one uninterrupted run.
+
+    Each line is strict JSON (a non-finite value is null, its key listed under "nonfinite");
+    `loss_steps` is the number of steps a logged loss averages over and `time_s` the training
+    time so far, across resumes, so that metrics.json can cover the whole run."""
     from transformers import TrainerCallback
 
     path = run_dir / "log.jsonl"
@@ -206,39 +186,66 @@ def log_callback(run_dir: Path, resume_step: int = 0):
         def __init__(self):
             self.last_time = None
             self.last_tokens = 0
+            self.last_step = 0
+            self.offset = 0.0
 
         def on_train_begin(self, args, state, control, **kw):
+            self.last_step = state.global_step
             if not state.is_world_process_zero:
                 return
             lines = path.read_text().splitlines() if path.exists() else []
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
-            self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.offset = max((json.loads(ln).get("time_s") or 0.0 for ln in keep), default=0.0)
+            self.started = time.perf_counter()
+            self.last_time, self.last_tokens = self.started, state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
             now = time.perf_counter()
             record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
-            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            if "loss" in logs and self.last_time is not None:
-                tokens = state.num_input_tokens_seen
-                elapsed = max(now - self.last_time, 1e-9)
-                record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1)
-                self.last_time, self.last_tokens = now, tokens
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            record.update({k: finite(v) for k, v in numbers.items()})
+            bad = [k for k, v in numbers.items() if finite(v) is None]
+            if bad:
+                record["nonfinite"] = bad
+            if "loss" in logs:
+                record["loss_steps"] = state.global_step - self.last_step
+                self.last_step = state.global_step
+                if self.last_time is not None:
+                    tokens = state.num_input_tokens_seen
+                    elapsed = max(now - self.last_time, 1e-9)
+                    record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1)
+                    self.last_time, self.last_tokens = now, tokens
+            record["time_s"] = round(self.offset + now - self.started, 3)
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     return JsonlLog()
 
 
-def last_logged(run_dir: Path, key: str) -> float | None:
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "log.jsonl"
     if not path.exists():
-        return None
-    values = [json.loads(ln).get(key) for ln in path.read_text().splitlines() if ln.strip()]
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def last_logged(run_dir: Path, key: str) -> float | None:
+    values = [r.get(key) for r in read_log(run_dir)]
     values = [v for v in values if v is not None]
     return values[-1] if values else None
+
+
+def whole_run(run_dir: Path) -> tuple[float | None, float | None]:
+    """(mean training loss, training seconds) of the whole run, across resumes, from log.jsonl."""
+    rows = read_log(run_dir)
+    weighted = [(r["loss"], r.get("loss_steps") or 1) for r in rows if r.get("loss") is not None]
+    steps = sum(n for _, n in weighted)
+    loss = sum(v * n for v, n in weighted) / steps if steps else None
+    seconds = max((r.get("time_s") or 0.0 for r in rows), default=None)
+    return loss, seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,12 +256,15 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
     from finetune.models import count_parameters
 
     state = trainer.state
-    runtime = train_output.metrics.get("train_runtime", 0.0)
+    run_dir = Path(trainer.args.output_dir).parent
+    # After a resume the Trainer's own figures cover only the resumed part; the log covers the whole run.
+    loss, seconds = whole_run(run_dir)
+    runtime = max(seconds or 0.0, train_output.metrics.get("train_runtime", 0.0))
     trainable, total = count_parameters(model)
     tokens = int(state.num_input_tokens_seen)
     metrics: dict[str, Any] = {
-        "train_loss": round(train_output.training_loss, 6),
-        "final_train_loss": last_logged(Path(trainer.args.output_dir).parent, "loss"),
+        "train_loss": round(loss if loss is not None else train_output.training_loss, 6),
+        "final_train_loss": last_logged(run_dir, "loss"),
         "steps": state.global_step,
         "epochs": round(state.epoch or 0, 4),
         "tokens_seen": tokens,
@@ -321,7 +331,8 @@ def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: st
     # A pickled copy of TrainingArguments: not needed to load the model, and it would hold a Hub
     # token in plain text if one was passed.
     (run_dir / "training_args.bin").unlink(missing_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = {k: finite(v) for k, v in metrics.items()}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     (run_dir / "README.md").write_text(model_card(recipe, metrics, usage))
     print_summary(recipe, run_dir, metrics, next_steps)
 

@@ -450,19 +450,19 @@ def test_classification_metrics_by_hand():
     assert m["per_class"]["c"]["support"] == 1
 
 
-def test_pretrain_and_bad_label_spec_are_rejected(tmp_path, sentiment):
+def test_pretrain_and_bad_label_spec_are_rejected(tmp_path, sentiment, tiny_bert):
     code, out, err = invoke("pretrain", "--task", "classification", "--data", sentiment / "train.jsonl",
                             "-o", tmp_path / "r")
     assert code == 2
     assert errors(err) == ["error: finetune pretrain: the classification task fine-tunes a checkpoint; use "
                            "`finetune lora` or `finetune full` with --model (pre-train an encoder with "
                            "`finetune pretrain --task mlm`)"]
-    code, out, err = invoke("full", "--task", "classification", "--model", "x", "--data", sentiment / "train.jsonl",
-                            "--set", "quant.bits=4", "-o", tmp_path / "r")
+    code, out, err = invoke("full", "--task", "classification", "--model", tiny_bert, "--data",
+                            sentiment / "train.jsonl", "--set", "quant.bits=4", "-o", tmp_path / "r")
     assert code == 2
     assert errors(err) == ["error: quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune full`"]
-    code, out, err = invoke("lora", "--task", "classification", "--model", "x", "--data", sentiment / "train.jsonl",
-                            "--set", "quant.bits=4", "-o", tmp_path / "r")
+    code, out, err = invoke("lora", "--task", "classification", "--model", tiny_bert, "--data",
+                            sentiment / "train.jsonl", "--set", "quant.bits=4", "-o", tmp_path / "r")
     assert code == 2
     assert errors(err) == ["error: quant.bits: the classification task trains unquantized models; drop quant.bits"]
     code, out, err = invoke("validate", "--task", "classification", "--model", "x", "--data", "y",

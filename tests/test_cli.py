@@ -108,8 +108,8 @@ def test_existing_run_is_refused_and_survives(tiny_gpt, toy_text, tmp_path):
     (run / "adapter_model.safetensors").write_bytes(b"precious")
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", toy_text, "-o", str(run), "--max-steps", "1")
     assert code == 2
-    assert errors(stderr) == [f"error: --output: '{run}' already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --output"]
+    assert errors(stderr) == [f"error: --output: '{run}' already holds a run; pass --overwrite to replace it, "
+                              "or choose another --output"]
     assert (run / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
@@ -117,16 +117,16 @@ def test_non_run_directory_is_never_replaced(tiny_gpt, toy_text, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", toy_text, "-o", str(tmp_path), "--overwrite")
     assert code == 2
-    assert errors(stderr) == [f"error: --output: '{tmp_path}' is not empty and holds no finetune run; "
-                              "choose another directory"]
+    assert errors(stderr) == [f"error: --output: '{tmp_path}' is not empty and is not a finetune run (it holds "
+                              "notes.txt); finetune only ever replaces its own runs: choose another --output"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_resume_without_checkpoint(tiny_gpt, toy_text, tmp_path):
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", toy_text, "-o", str(tmp_path / "r"), "--resume")
     assert code == 2
-    assert errors(stderr) == [f"error: --resume: no complete checkpoint in '{tmp_path / 'r' / 'checkpoints'}'; "
-                              "run without --resume to start afresh"]
+    assert errors(stderr) == [f"error: --resume: '{tmp_path / 'r'}' holds no finetune run (no recipe.yaml); "
+                              "start one there without --resume"]
 
 
 def test_debug_shows_the_traceback(toy_text):

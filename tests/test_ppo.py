@@ -188,7 +188,7 @@ def test_ppo_resume_continues_exactly(env, tmp_path, method):
     assert len(numbers("resumed")) == 4
     assert numbers("resumed") == numbers("straight")
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "checkpoint-4").iterdir()) == \
-        ["critic", "optimizer.pt", "policy", "rng_state_0.pt", "scheduler.pt", "trainer_state.json"]
+        ["critic", "manifest.json", "optimizer.pt", "policy", "rng_state_0.pt", "scheduler.pt", "trainer_state.json"]
 
 
 def test_ppo_two_processes(env, tmp_path, monkeypatch):

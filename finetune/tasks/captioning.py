@@ -81,7 +81,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=CaptionCollator(), processing_class=tokenizer,
                              compute_metrics=score_captions(tokenizer),
-                             callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))

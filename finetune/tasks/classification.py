@@ -102,7 +102,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=metrics_function(names, extra, report),
                       preprocess_logits_for_metrics=predicted_class,
-                      callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))

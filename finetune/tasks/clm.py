@@ -71,7 +71,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))

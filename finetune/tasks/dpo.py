@@ -77,7 +77,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     try:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_raw,
                              eval_dataset=eval_raw, processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     except ValueError as e:
         if "Target modules" in str(e):  # peft: lora.target_modules names no module of this model
             raise UserError(f"lora.target_modules: {models.first_line(e)}; set lora.target_modules to module names "

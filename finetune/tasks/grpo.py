@@ -81,7 +81,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=train_raw,
                           eval_dataset=eval_raw, processing_class=tokenizer,
-                          callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                          callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if reference_dir is not None:  # trl has loaded the reference; the copy is no longer needed
         reference_dir.cleanup()
         model.config._name_or_path = recipe.model.name

@@ -79,7 +79,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=masking_collator(tokenizer, spec, recipe.train.seed), processing_class=tokenizer,
                       compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_tokens,
-                      callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))

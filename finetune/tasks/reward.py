@@ -66,7 +66,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_raw, eval_dataset=eval_raw,
                             processing_class=tokenizer,
-                            callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
+                            callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_raw is not None else None
     trainer.save_model(str(run_dir))

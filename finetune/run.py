@@ -1,0 +1,236 @@
+"""The run lifecycle: every way of training goes through `execute` (the training verbs, `chain`,
+`demo`, and the ranks that `accelerate launch -m finetune` starts).
+
+    resolve     flags + --set + recipe file (or, for `--resume -o DIR`, the run's own recipe.yaml)
+    preflight   everything that can fail before training: the run directory, precision, the
+                distributed preset, quantisation, the model files, the data files, memory
+    claim       only now is the run directory taken (rundir.Claim; --overwrite moves the old run
+                aside, deleted only when the new one finishes)
+    train       the task's `run` under guards (guards.py): SIGTERM/SIGINT save a checkpoint and stop,
+                non-finite gradients stop the run; train.auto_batch_size retries on out-of-memory
+    finish      run.json says finished, interrupted or failed; a failed start leaves nothing behind
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from finetune import checkpoints, guards, rundir
+from finetune.errors import Stopped, UserError
+from finetune.recipe import Recipe
+from finetune.training import is_main_process, launched_child, world_size
+
+TASK_VERBS = ("reward", "dpo", "grpo", "ppo")  # tasks with a verb of their own; the rest use the method's
+
+
+def env_defaults() -> None:
+    """Offline-safe defaults before any Hugging Face import."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from finetune.models import hub_reachable
+
+    if not hub_reachable():
+        # Without these, a Hub id retries for ~46 s and evaluate fetches metric scripts.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+
+
+def task_module(task: str):
+    from finetune.recipe import TASKS
+
+    return importlib.import_module(TASKS[task])
+
+
+def command_verb(recipe: Recipe) -> str:
+    return recipe.task if recipe.task in TASK_VERBS else recipe.method
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Resolve
+
+
+def resolve(method: str | None, recipe_name: str | None, overrides: dict[str, Any], sets: list[str] | None,
+            resume: bool, allow_chain: bool = False) -> Recipe:
+    from finetune.recipe import build_recipe, find_recipe, load_recipe, read_recipe_file
+
+    overrides = {"method": method, **overrides}  # None: the recipe's own method (default lora)
+    # `--resume -o DIR` alone continues DIR with the recipe it was started with.
+    if recipe_name is None and resume and overrides.get("train.output_dir"):
+        run_dir = Path(overrides["train.output_dir"])
+        saved = run_dir / "recipe.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: '{run_dir}' holds no finetune run (no recipe.yaml); start one there "
+                            "without --resume")
+        return build_recipe(read_recipe_file(saved), overrides, sets)
+    if recipe_name is not None:
+        find_recipe(recipe_name)
+    recipe = load_recipe(recipe_name, overrides, sets)
+    if recipe.stages and not allow_chain:
+        raise UserError(f"recipe: '{recipe_name}' is a chain (it has stages); run it with "
+                        f"`finetune chain {recipe_name}`")
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Pre-flight
+
+
+def owns_run_dir(recipe: Recipe) -> bool:
+    """The process that checks, claims and settles the run directory: machine 0's launcher, or rank 0."""
+    return is_main_process() and recipe.train.machine_rank == 0 and not launched_child()
+
+
+def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Everything that can fail before training, checked before anything is created or deleted."""
+    from finetune import data, models
+    from finetune.launch import check_distributed
+    from finetune.memory import check_precision
+
+    if owns_run_dir(recipe):
+        rundir.check(recipe.output_dir, overwrite, resume, checkpoints.latest(recipe.output_dir) is not None)
+    check_precision(recipe)
+    check_distributed(recipe)
+    from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
+
+    if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:
+        check_quantizable(recipe)
+    if recipe.model.name:
+        models.check_model_files(recipe.model.name, "model.name")
+    data.check_sources(recipe.data)
+    if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
+        print("note: --distributed ddp with one process runs without a launcher; pass --num-processes N", flush=True)
+    import torch
+
+    if torch.cuda.is_available() and recipe.model.name:
+        from finetune.memory import estimate, fit_problems
+
+        for p in fit_problems(recipe, estimate(recipe)):
+            print(f"warning: {p}", flush=True)
+
+
+def more_requested(recipe: Recipe, run_dir: Path) -> bool:
+    """Whether `--resume` on a finished run asks for more steps or epochs than it trained."""
+    try:
+        done = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return True
+    if recipe.train.max_steps > 0:
+        return recipe.train.max_steps > int(done.get("steps") or 0)
+    return recipe.train.epochs > float(done.get("epochs") or 0) + 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+# 3-5. Claim, train under guards, finish
+
+
+def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+            callbacks: list | None = None) -> dict[str, Any] | None:
+    """Run one training job from a resolved recipe. Returns its metrics (None on other machines' launchers
+    and on ranks other than 0 of a multi-process run). `callbacks` go to the task's trainer."""
+    from finetune.launch import needs_launch
+
+    env_defaults()
+    run_dir = recipe.output_dir
+    owner = owns_run_dir(recipe)
+    if not launched_child():
+        preflight(recipe, resume, overwrite)
+        if resume and owner and rundir.status(run_dir) == "finished" and not more_requested(recipe, run_dir):
+            steps = json.loads((run_dir / "metrics.json").read_text()).get("steps")
+            print(f"'{run_dir}' holds a finished run (step {steps}); nothing to do. To train it further, pass "
+                  "--max-steps or --epochs beyond the run's own with --resume", flush=True)
+            return json.loads((run_dir / "metrics.json").read_text())
+    claim = None
+    if owner:
+        claim = rundir.Claim(run_dir, overwrite, resume, {"task": recipe.task, "method": recipe.method,
+                                                           "base": recipe.model.name or recipe.model.config})
+    if world_size() > 1 and not launched_child():  # `accelerate launch -m finetune`: rank 0 claimed first
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    if not launched_child() and world_size() == 1 and needs_launch(recipe):
+        return launch(recipe, resume, claim)
+    return train(recipe, resume, claim, callbacks)
+
+
+def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
+          callbacks: list | None = None) -> dict[str, Any] | None:
+    from finetune.memory import run_with_auto_batch
+
+    task = task_module(recipe.task)
+    try:
+        with guards.installed():
+            metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume, callbacks=callbacks))
+    except guards.Interrupted as e:
+        settle(recipe, claim, "interrupted", e.step)
+        raise Stopped(interrupted_lines(recipe, e.step) if is_main_process() else [], e.exit_code) from e
+    except KeyboardInterrupt as e:  # the second Ctrl-C
+        settle(recipe, claim, "interrupted", None)
+        raise Stopped(interrupted_lines(recipe, None), 130) from e
+    except guards.Diverged as e:
+        settle(recipe, claim, "failed", e.step)
+        raise Stopped(diverged_lines(recipe, e) if is_main_process() else [], 3) from e
+    except BaseException:
+        settle(recipe, claim, "failed", None)
+        raise
+    settle(recipe, claim, "finished", (metrics or {}).get("steps"))
+    return metrics
+
+
+def settle(recipe: Recipe, claim: rundir.Claim | None, outcome: str, step: int | None) -> None:
+    """Record the outcome. Rank 0 of launched children records it for the launcher to read."""
+    if claim is not None:
+        note = claim.close(outcome, checkpoints.latest(recipe.output_dir) is not None, step)
+        if note:
+            print(note, flush=True)
+    elif launched_child() and is_main_process() and (recipe.output_dir / rundir.MARKER).is_file():
+        rundir.write_marker(recipe.output_dir, status=outcome, **({"step": step} if step is not None else {}))
+
+
+def launch(recipe: Recipe, resume: bool, claim: rundir.Claim | None) -> None:
+    """Several processes through `accelerate launch`, SIGTERM forwarded to them; the outcome from run.json."""
+    from finetune.launch import relaunch
+
+    code = relaunch(recipe, resume)
+    outcome = rundir.status(recipe.output_dir) if recipe.output_dir.is_dir() else "failed"
+    if code == 0:
+        settle(recipe, claim, "finished", None)
+        return None
+    if outcome == "interrupted" or code in (130, 143, -signal.SIGTERM, -signal.SIGINT):
+        settle(recipe, claim, "interrupted", None)
+        raise Stopped(interrupted_lines(recipe, None), 130 if code in (130, -signal.SIGINT) else 143)
+    settle(recipe, claim, "failed", None)
+    local = recipe.train.num_processes // recipe.train.num_machines
+    raise Stopped([f"error: --num-processes: the {local} process{'es' if local > 1 else ''} on this machine "
+                   f"failed (exit code {code}); the lines above say why"], 3 if outcome == "failed" else 1)
+
+
+def resume_command(recipe: Recipe) -> str:
+    return f"finetune {command_verb(recipe)} --resume -o {recipe.output_dir}"
+
+
+def interrupted_lines(recipe: Recipe, step: int | None) -> list[str]:
+    last = checkpoints.latest(recipe.output_dir)
+    if last is None:
+        return [f"interrupted before the first checkpoint; nothing was kept to resume from. Start again with: "
+                f"finetune {command_verb(recipe)} ... -o {recipe.output_dir}"]
+    at = f" at step {step}" if step is not None else ""
+    return [f"interrupted{at}: saved {last}", f"continue with: {resume_command(recipe)}"]
+
+
+def diverged_lines(recipe: Recipe, e: guards.Diverged) -> list[str]:
+    last = checkpoints.latest(recipe.output_dir)
+    kept = (f"the last good checkpoint is {last} (step {checkpoints.step_of(last)})" if last else
+            "no checkpoint was saved before it")
+    precision = ("fp16 overflows easily: use --bf16 where the device has it"
+                 if recipe.train.fp16 else "try bf16 instead of fp16 on GPUs that have it")
+    return [f"error: training diverged at step {e.step}: {e.what}; no model was written as the result, and "
+            f"{kept}",
+            f"fix: lower train.learning_rate (now {recipe.learning_rate:g}), add warm-up (train.warmup=0.05), keep "
+            f"gradient clipping on (train.max_grad_norm=1.0), or {precision}; train.nan_patience=N skips up to "
+            "N bad steps in a row"]

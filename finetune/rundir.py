@@ -1,0 +1,165 @@
+"""The run directory: the marker that says a directory is a finetune run, and claiming one.
+
+A run directory holds `run.json`, written when the run claims it:
+
+    {"finetune": "0.1.0", "task": "clm", "method": "lora", "status": "running", "step": 0, ...}
+
+`status` is running, finished, interrupted or failed. Only a directory with this marker (or, for
+runs made before it existed, one holding only the files a run writes) is ever replaced by
+`--overwrite`, and only after pre-flight has passed. Replacing moves the old run aside to a hidden
+sibling and deletes it only when the new run finishes: a new run that fails before its first
+checkpoint is removed and the old one put back, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+MARKER = "run.json"
+# What a run writes. A directory made before run.json existed counts as a run only when it holds
+# recipe.yaml and nothing outside this list, so that --overwrite never takes someone's other files.
+RUN_FILES = {
+    MARKER, "recipe.yaml", "metrics.json", "log.jsonl", "README.md", "checkpoints", "merged", "labels.json",
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model",
+    "added_tokens.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+    "training_args.bin", "critic", "value_head.safetensors",
+}
+
+
+def read_marker(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / MARKER
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "finetune" in data else None
+
+
+def write_marker(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Update run.json with `fields` (written whole to a temporary file, then renamed)."""
+    from finetune import __version__
+
+    data = read_marker(run_dir) or {"finetune": __version__}
+    data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = run_dir / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(run_dir / MARKER)
+    return data
+
+
+def is_run_dir(path: Path) -> bool:
+    if read_marker(path) is not None:
+        return True
+    if not (path / "recipe.yaml").is_file():
+        return False
+    return all(p.name in RUN_FILES or p.name.startswith("checkpoint") for p in path.iterdir())
+
+
+def is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def status(run_dir: Path) -> str:
+    """finished, interrupted, failed, running (or killed without a word), or unknown (older runs)."""
+    marker = read_marker(run_dir)
+    if marker is not None:
+        return str(marker.get("status", "unknown"))
+    return "finished" if (run_dir / "metrics.json").is_file() else "unknown"
+
+
+def aside_path(run_dir: Path) -> Path:
+    """Where the run that --overwrite replaces waits until the new run finishes."""
+    return run_dir.parent / f".{run_dir.name}.replaced"
+
+
+def check(run_dir: Path, overwrite: bool, resume: bool, has_checkpoint: bool) -> None:
+    """Refuse what would lose work; changes nothing. `has_checkpoint`: a complete checkpoint exists."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume: choose one (--resume continues the run, --overwrite replaces it)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output: '{run_dir}' is a file; choose a directory")
+    if resume:
+        if is_empty(run_dir) or not is_run_dir(run_dir):
+            raise UserError(f"--resume: '{run_dir}' holds no finetune run; start one there without --resume")
+        if not has_checkpoint:
+            raise UserError(f"--resume: the run in '{run_dir}' stopped before its first complete checkpoint, so "
+                            "there is nothing to continue from; pass --overwrite instead of --resume to start it again")
+        return
+    if is_empty(run_dir):
+        return
+    if not is_run_dir(run_dir):
+        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)[:3]
+        raise UserError(f"--output: '{run_dir}' is not empty and is not a finetune run (it holds "
+                        f"{', '.join(others) or 'other files'}); finetune only ever replaces its own runs: "
+                        "choose another --output")
+    if overwrite:
+        return
+    state = status(run_dir)
+    if state == "finished":
+        raise UserError(f"--output: '{run_dir}' already holds a finished run; pass --overwrite to replace it, "
+                        "--resume with a larger --max-steps or --epochs to train it further, or choose another "
+                        "--output")
+    if has_checkpoint:
+        raise UserError(f"--output: '{run_dir}' already holds a run that did not finish ({state}); pass --resume "
+                        "to continue it from its last checkpoint, --overwrite to start it again, or choose "
+                        "another --output")
+    if state == "unknown":
+        raise UserError(f"--output: '{run_dir}' already holds a run; pass --overwrite to replace it, or choose "
+                        "another --output")
+    raise UserError(f"--output: '{run_dir}' already holds a run that stopped before its first checkpoint "
+                    f"({state}); pass --overwrite to start it again, or choose another --output")
+
+
+class Claim:
+    """A run directory taken by a run that passed pre-flight; `close(outcome)` settles it.
+
+    With --overwrite the old run is moved aside first. `close("finished")` deletes it.
+    `close("failed")` or `close("interrupted")` before the new run wrote a complete checkpoint
+    removes the new directory and puts the old run (or the empty directory) back; after one, the
+    new run stays (resumable), and so does the old one, aside, until the new run finishes.
+    """
+
+    def __init__(self, run_dir: Path, overwrite: bool, resume: bool, identity: dict[str, Any]):
+        self.run_dir = run_dir
+        self.aside = aside_path(run_dir)
+        self.existed = run_dir.exists()
+        if overwrite and not is_empty(run_dir):
+            if self.aside.exists():  # an earlier replacement that never finished: the aside is the real run
+                shutil.rmtree(run_dir)
+            else:
+                run_dir.rename(self.aside)
+            self.existed = False
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fields = {k: v for k, v in identity.items()}
+        if not resume:
+            fields["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_marker(run_dir, status="running", **fields)
+
+    def close(self, outcome: str, has_checkpoint: bool, step: int | None = None) -> str | None:
+        """Settle the claim; returns a line for the user when the old run was kept or put back."""
+        if outcome == "finished":
+            write_marker(self.run_dir, status="finished", **({"step": step} if step is not None else {}))
+            if self.aside.exists():
+                shutil.rmtree(self.aside)
+            return None
+        if not has_checkpoint:
+            if self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            if self.aside.exists():
+                self.aside.rename(self.run_dir)
+                return f"the earlier run in {self.run_dir} is unchanged"
+            if self.existed:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            return None
+        write_marker(self.run_dir, status=outcome, **({"step": step} if step is not None else {}))
+        if self.aside.exists():
+            return f"the run this one replaces is kept in {self.aside} until this one finishes"
+        return None
