@@ -25,7 +25,6 @@ last checkpoint, and reruns every stage after one that ran again (its input chan
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
@@ -33,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError, did_you_mean
-from finetune.recipe import (TASKS, Recipe, build_recipe, chain_dir, find_recipe, parse_override, read_recipe_file,
+from finetune.recipe import (Recipe, build_recipe, chain_dir, find_recipe, parse_override, read_recipe_file,
                              stage_output, stage_recipes)
+from finetune.tasks import load_task
 from finetune.training import complete_checkpoints
 
 SHOWN = ("final_train_loss", "eval_loss", "eval_accuracy", "eval_margin", "margin_start", "margin_end",
@@ -147,7 +147,7 @@ def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> l
         print(f"\n== {header}{', continued from its last checkpoint' if continue_run else ''} -> {run_dir}",
               flush=True)
         start = time.perf_counter()
-        metrics = importlib.import_module(TASKS[recipe.task]).run(recipe, resume=continue_run)
+        metrics = load_task(recipe.task).run(recipe, resume=continue_run)
         if recipe.method == "lora":
             merge_stage(recipe)
         upstream_ran = True

@@ -6,7 +6,6 @@ answers at once; each command imports what it needs when it runs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import typer
 
 from finetune import __version__
 from finetune.errors import UserError
+from finetune.tasks import load_task, method_tasks, task_info
 
 app = typer.Typer(
     name="finetune",
@@ -65,12 +65,6 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         fail([f"{type(e).__name__}: {first_line(e)}", "run again with --debug for the full traceback"], code=1)
 
 
-def task_module(task: str):
-    from finetune.recipe import TASKS
-
-    return importlib.import_module(TASKS[task])
-
-
 def env_defaults() -> None:
     """Offline-safe defaults before any Hugging Face import."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -90,7 +84,7 @@ def env_defaults() -> None:
 RecipeArg = Annotated[Optional[str], typer.Argument(help="Recipe: a YAML file or a built-in name "
                                                           "(`finetune recipes list`).", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model directory.")]
-TASK_HELP = "Task (default clm): clm, mlm, classification, translation, image-classification, captioning."
+TASK_HELP = f"Task (default clm): {', '.join(method_tasks())}."
 TaskOpt = Annotated[Optional[str], typer.Option("--task", "-t", help=TASK_HELP)]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="lora (default) or full.")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="Training data: .jsonl/.json/.csv/.parquet/.txt, a folder, or a Hub dataset.")]
@@ -170,7 +164,7 @@ def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -
     env_defaults()
     from finetune.memory import run_with_auto_batch
 
-    run_with_auto_batch(recipe, lambda r: task_module(r.task).run(r, resume=resume))
+    run_with_auto_batch(recipe, lambda r: load_task(r.task).run(r, resume=resume))
 
 
 def start_checks(recipe) -> None:
@@ -181,9 +175,9 @@ def start_checks(recipe) -> None:
 
     check_precision(recipe)
     check_distributed(recipe)
-    from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
+    from finetune.quantization import check_quantizable
 
-    if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:
+    if recipe.quant.bits and task_info(recipe.task).quantizable:  # the others refuse quant.bits with their reason
         check_quantizable(recipe)
     if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
         typer.echo("note: --distributed ddp with one process runs without a launcher; pass --num-processes N")
@@ -320,8 +314,8 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
             return
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()
-        mod = task_module(r.task)
-        problems, notes = mod.check(r) if hasattr(mod, "check") else ([], [])
+        mod = load_task(r.task)
+        problems, notes = mod.check(r)
         for n in notes:
             typer.echo(f"  {n}")
         if problems:
@@ -470,11 +464,10 @@ def predict(
         check_model_dir(run_dir, "run")
         recipe = run_recipe(run_dir)
         task = recipe.task if recipe else classifier_task(run_dir)
-        module = task_module(task)
-        if not hasattr(module, "predict"):
+        if task_info(task).inference != "predict":
             raise UserError(f"run: '{run}' was trained for the {task} task, which has no predict; "
                             "predict works with classification and image-classification runs")
-        rows = module.predict(run_dir, list(inputs) if inputs else None, data)
+        rows = load_task(task).predict(run_dir, list(inputs) if inputs else None, data)
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -495,10 +488,11 @@ def classifier_task(model_dir: Path) -> str:
 
     config = model_dir / "config.json"
     architectures = (json.loads(config.read_text()).get("architectures") if config.is_file() else None) or [""]
-    for suffix, task in (("ForSequenceClassification", "classification"),
-                         ("ForImageClassification", "image-classification")):
-        if architectures[0].endswith(suffix):
-            return task
+    from finetune.tasks import REGISTRY
+
+    for task in REGISTRY.values():  # AutoModelForSequenceClassification -> *ForSequenceClassification
+        if task.inference == "predict" and architectures[0].endswith(task.auto_class.removeprefix("AutoModel")):
+            return task.name
     raise UserError(f"run: '{model_dir}' has no recipe.yaml and is not a classifier; predict needs a "
                     "classification or image-classification run (or a model directory of one)")
 

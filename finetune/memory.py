@@ -19,6 +19,7 @@ import os
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe
+from finetune.tasks import task_info
 
 GiB = 2**30
 
@@ -162,10 +163,6 @@ def ffn_saved_tensors(model, config) -> int:
     return 5 if act == "gelu_new" else 2
 
 
-# Tasks whose head scores the whole vocabulary at every position (the logits term of the estimate).
-LM_HEAD_TASKS = {"clm", "mlm", "translation", "captioning", "dpo", "ppo", "grpo"}
-
-
 def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
     """Tokens per example: data.max_length (or the model's context, at most 1024); patches for images."""
     vision = getattr(config, "vision_config", None) or config
@@ -256,7 +253,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         activations = L * per_layer * act_bytes
     activations += 3 * b * s * h * act_bytes  # embeddings and final norm
     # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
-    vocab = dims["vocab"] if recipe.task in LM_HEAD_TASKS else 0
+    vocab = dims["vocab"] if task_info(recipe.task).lm_head else 0  # a head over the whole vocabulary
     logits = float(b * s * vocab * (12 + (act_bytes if act_bytes == 2 else 0)))
 
     # Distributed presets: what each device keeps.

@@ -15,35 +15,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from finetune.errors import UserError, did_you_mean
-
-# Task name -> module under finetune/tasks. The CLI imports the module only when it runs.
-TASKS: dict[str, str] = {
-    "clm": "finetune.tasks.clm",
-    # encoder, encoder-decoder and vision
-    "mlm": "finetune.tasks.mlm",
-    "classification": "finetune.tasks.classification",
-    "translation": "finetune.tasks.translation",
-    "image-classification": "finetune.tasks.image_classification",
-    "captioning": "finetune.tasks.captioning",
-    # RLHF
-    "reward": "finetune.tasks.reward",
-    "dpo": "finetune.tasks.dpo",
-    "ppo": "finetune.tasks.ppo",
-    "grpo": "finetune.tasks.grpo",
-}
+from finetune.tasks import METHODS, REGISTRY, section_owner, stage_commands, unknown_task
 
 Method = Literal["lora", "full", "pretrain"]
 
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+S = TypeVar("S", bound=Spec)
 
 
 class ModelSpec(Spec):
@@ -214,17 +202,22 @@ class GrpoSpec(Spec):
     beta: float = Field(0.0, ge=0)  # KL penalty toward the starting policy; 0 skips the reference model
 
 
-METHOD_COMMANDS = ("lora", "full", "pretrain")
-
-
 class StageSpec(Spec):
     """One stage of a chained recipe: `finetune <command>` on the chain's fields plus `set`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # its run is <chain output>/<name>
-    command: Literal["lora", "full", "pretrain", "reward", "dpo", "ppo", "grpo"]  # the verb this stage runs
+    command: str  # the verb this stage runs: lora, full, pretrain, or a task with its own verb (reward, dpo, ...)
     recipe: str | None = None  # a recipe file or built-in name as the base; unset: the chain's own fields
     set: dict[str, Any] = {}  # overrides (dotted or nested keys); "{stages.NAME.output}" is an earlier
     # stage's trained model (a LoRA run merged into its base), "{stages.NAME.run}" its run directory
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v):
+        if v not in stage_commands():
+            *rest, last = map(repr, stage_commands())
+            raise PydanticCustomError("literal_error", f"Input should be {', '.join(rest)} or {last}")
+        return v
 
 
 class PpoSpec(Spec):
@@ -281,9 +274,10 @@ class Recipe(Spec):
         if self.stages is not None:  # a chain: its fields are defaults, checked in each stage's recipe
             return chain_problems(self)
         out = []
-        if self.task not in TASKS:
-            out.append(f"task: unknown task '{self.task}'{did_you_mean(self.task, TASKS)}; "
-                       f"choose one of: {', '.join(TASKS)}")
+        info = REGISTRY.get(self.task)
+        if info is None:
+            out.append(unknown_task(self.task))
+        out += self.section_problems()
         if self.method == "pretrain":
             if self.model.name and self.model.config:
                 out.append("model.name and model.config: pretraining builds the model from model.config; "
@@ -296,10 +290,11 @@ class Recipe(Spec):
             out.append("train.bf16 and train.fp16: choose one precision")
         if self.quant.bits and self.method != "lora":
             out.append(f"quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune {self.method}`")
-        if self.task in ("reward", "dpo", "ppo", "grpo") and self.method == "pretrain":
-            out.append(f"method: the {self.task} task starts from a trained model; use --method lora or full")
+        if info is not None and self.method not in info.methods:
+            out.append(f"method: the {self.task} task starts from a trained model; use --method "
+                       f"{' or '.join(info.methods)}")
         if self.task == "grpo":
-            grpo = self.grpo or GrpoSpec()
+            grpo = self.section(GrpoSpec)
             if not grpo.reward:
                 out.append("grpo.reward: required for `finetune grpo`; set it to a `finetune reward` run "
                            "(a reward-model directory) or to module:function")
@@ -312,6 +307,24 @@ class Recipe(Spec):
                            f"a multiple of grpo.num_generations ({grpo.num_generations})")
         out += self.scale_out_problems()
         return out
+
+    def section_problems(self) -> list[str]:
+        """A section that belongs to another task is a mistake (it would be ignored): name its task."""
+        out = []
+        for name in type(self).model_fields:
+            owner = section_owner(name)
+            if owner is not None and owner.name != self.task and getattr(self, name) is not None:
+                out.append(f"{name}: a section of the {owner.name} task; this recipe's task is {self.task} "
+                           f"(set task: {owner.name}, or drop the section)")
+        return out
+
+    def section(self, cls: type[S]) -> S:
+        """This recipe's section of type `cls` (recipe.dpo for DpoSpec), or its defaults when unset."""
+        for name, field in type(self).model_fields.items():
+            if cls in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                value = getattr(self, name)
+                return value if value is not None else cls()
+        raise TypeError(f"Recipe has no section of type {cls.__name__}")
 
     def scale_out_problems(self) -> list[str]:
         """Processes, machines, presets and quantisation that cannot work together."""
@@ -580,7 +593,7 @@ def stage_recipes(chain: Recipe) -> list[tuple[StageSpec, Recipe]]:
             data = deep_merge(shared, own)
         data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
         sets = flatten(stage.set)
-        fixed = "method" if stage.command in METHOD_COMMANDS else "task"
+        fixed = "method" if stage.command in METHODS else "task"
         if fixed in sets:
             stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; "
                                   "drop it")

@@ -40,7 +40,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from finetune.metrics import load_extra_metrics
 
     raise_if_unsupported(recipe)
-    spec = recipe.classification or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec)
     set_seed(recipe.train.seed)
     column = recipe.data.text_column
 
@@ -186,7 +186,7 @@ def label_id(value, lookup: dict[str, int], by_index: bool) -> int | None:
 
 def label_problems(train, eval_ds, names: list[str], by_index: bool, recipe: Recipe) -> list[str]:
     """Train labels outside classification.labels, eval labels never seen in training."""
-    spec = recipe.classification or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec)
     column, lookup = spec.label_column, {n: i for i, n in enumerate(names)}
     eval_key = "data.eval" if recipe.data.eval or recipe.data.eval_split else "the eval split held out of data.train"
     problems: list[str] = []
@@ -349,7 +349,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
     recipe = run_recipe(run_dir)
-    spec = (recipe.classification if recipe else None) or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec) if recipe else ClassificationSpec()
     column = recipe.data.text_column if recipe else "text"
     pair = spec.text_pair_column
     if data:
@@ -405,7 +405,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes), with the label distribution."""
     problems, notes = [], []
-    spec, d = recipe.classification or ClassificationSpec(), recipe.data
+    spec, d = recipe.section(ClassificationSpec), recipe.data
     column = d.text_column
     try:
         raise_if_unsupported(recipe)

@@ -33,7 +33,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import DPOConfig, DPOTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.dpo or DpoSpec()
+    spec = recipe.section(DpoSpec)
 
     # 1. Data: prompt/chosen/rejected, checked (missing columns, empty rows, mixed formats).
     train_raw, eval_raw, fmt = rlhf.load_preferences(recipe)

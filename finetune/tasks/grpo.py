@@ -33,7 +33,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import GRPOConfig, GRPOTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.grpo or GrpoSpec()
+    spec = recipe.section(GrpoSpec)
 
     # 1. Data: prompts (other columns are passed to reward functions that take **kwargs).
     train_raw, eval_raw, fmt = rlhf.load_prompts(recipe)
@@ -134,7 +134,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     from finetune.errors import UserError
     from finetune.rewards import check_reward_dir
 
-    spec = recipe.grpo or GrpoSpec()
+    spec = recipe.section(GrpoSpec)
     problems, notes = [], []
     source = Path(spec.reward or "").expanduser()
     try:

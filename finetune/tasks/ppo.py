@@ -42,7 +42,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from finetune.ppo_trainer import Critic, PpoTrainer
     from finetune.rewards import load_reward
 
-    spec = recipe.ppo or PpoSpec()
+    spec = recipe.section(PpoSpec)
     raise_if(problems(recipe))
     t = recipe.train
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
@@ -108,7 +108,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
 def problems(recipe: Recipe) -> list[str]:
     """Contradictions in a PPO recipe, phrased as the keys the user wrote."""
-    spec, t = recipe.ppo or PpoSpec(), recipe.train
+    spec, t = recipe.section(PpoSpec), recipe.train
     out = []
     if recipe.method == "pretrain":
         out.append("method: `finetune ppo` trains an existing policy; use --method lora (the default) or full")
@@ -298,7 +298,7 @@ def load_trained(run_dir: Path, **kwargs):
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Checks for `finetune validate`: the recipe, the prompts, the reward source. (problems, notes)"""
-    spec = recipe.ppo or PpoSpec()
+    spec = recipe.section(PpoSpec)
     problems_, notes = problems(recipe), []
     try:
         train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)

@@ -28,7 +28,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import RewardConfig, RewardTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.reward or RewardSpec()
+    spec = recipe.section(RewardSpec)
 
     # 1. Data: prompt/chosen/rejected, checked (missing columns, empty rows, mixed formats).
     train_raw, eval_raw, fmt = rlhf.load_preferences(recipe)
