@@ -67,15 +67,9 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
 
 def env_defaults() -> None:
     """Offline-safe defaults before any Hugging Face import."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from finetune.models import hub_reachable
+    from finetune.hub import use_offline_defaults
 
-    if not hub_reachable():
-        # Without these, a Hub id retries for ~46 s and evaluate fetches metric scripts.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+    use_offline_defaults()
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,7 +371,7 @@ def env(debug: DebugOpt = False) -> None:
     """Versions, devices, and whether the Hugging Face Hub is reachable."""
 
     def body():
-        from finetune.launch import environment_report
+        from finetune.environment import environment_report
 
         typer.echo(environment_report())
 
@@ -641,7 +635,7 @@ def launch_config_command(
     Example: finetune launch-config --distributed fsdp -n 16 --num-machines 2 --main-process-ip 10.0.0.1"""
 
     def body():
-        from finetune.launch import launch_config_yaml
+        from finetune.presets import launch_config_yaml
         from finetune.recipe import find_recipe, load_recipe
 
         scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,

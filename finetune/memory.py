@@ -193,7 +193,7 @@ def device_capacity() -> float | None:
 def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estimate:
     """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given)."""
     from finetune.adapters import lora_config
-    from finetune.launch import preset_kind
+    from finetune.presets import preset_kind
     from finetune.quantization import quantizable_layers, skeleton
 
     model = model if model is not None else skeleton(recipe.model, recipe.task)

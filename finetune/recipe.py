@@ -328,7 +328,7 @@ class Recipe(Spec):
 
     def scale_out_problems(self) -> list[str]:
         """Processes, machines, presets and quantisation that cannot work together."""
-        from finetune.launch import preset_kind, preset_problem
+        from finetune.presets import preset_kind, preset_problem
 
         t, out = self.train, []
         if t.distributed and (problem := preset_problem(t.distributed)):

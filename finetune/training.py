@@ -273,7 +273,7 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
 
     if torch.cuda.is_available():  # what `finetune plan` estimates
         metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    from finetune.launch import replica_fingerprints
+    from finetune.replicas import replica_fingerprints
 
     fingerprints = replica_fingerprints(model)  # a collective: every rank gets here
     if fingerprints:
