@@ -296,15 +296,16 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
 
         scale = scale_overrides(quant, bf16, fp16, distributed)
         overrides = flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes, scale)
+        from finetune.chain import describe, resolve_chain
+
         try:
             r: Recipe = resolve_recipe(method, recipe, overrides, set_, False)
+            chain = resolve_chain(r) if r.stages else None
         except UserError as e:
             typer.echo(f"recipe: {len(e.problems)} problem(s)")
             raise
-        if r.stages:  # a chain: every stage's recipe is valid; later stages' inputs do not exist yet
-            from finetune.chain import describe
-
-            typer.echo(f"recipe: ok\n{describe(r)}")
+        if chain:  # every stage's recipe is valid; later stages' inputs do not exist yet
+            typer.echo(f"recipe: ok\n{describe(chain)}")
             return
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()

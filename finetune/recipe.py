@@ -13,7 +13,6 @@ travels all the way down to the task; it is never turned back into a dict.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from finetune.errors import UserError, did_you_mean
-from finetune.tasks import METHODS, REGISTRY, section_owner, stage_commands, unknown_task
+from finetune.tasks import REGISTRY, section_owner, stage_commands, unknown_task
 
 Method = Literal["lora", "full", "pretrain"]
 
@@ -272,7 +271,7 @@ class Recipe(Spec):
     def problems(self) -> list[str]:
         """Contradictions between fields, phrased as the keys the user wrote."""
         if self.stages is not None:  # a chain: its fields are defaults, checked in each stage's recipe
-            return chain_problems(self)
+            return []  # by chain.resolve_chain
         out = []
         info = REGISTRY.get(self.task)
         if info is None:
@@ -509,135 +508,3 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
                 sets: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Recipe:
     data = read_recipe_file(find_recipe(name_or_path)) if name_or_path else {}
     return build_recipe(data, overrides, sets, ignore)
-
-
-# ---------------------------------------------------------------------------------------
-# Chained recipes: stages run in order, each stage's output feeding the next (`finetune chain`)
-
-PLACEHOLDER = re.compile(r"\{stages\.([^{}]*?)\.([^.{}]*)\}")
-
-
-def chain_dir(chain: Recipe) -> Path:
-    return Path(chain.train.output_dir) if chain.train.output_dir else Path("runs") / "chain"
-
-
-def stage_output(recipe: Recipe) -> Path:
-    """What `{stages.NAME.output}` names: the stage's trained model as a plain model directory
-    (a LoRA run is merged into its base there by the chain)."""
-    return recipe.output_dir / "merged" if recipe.method == "lora" else recipe.output_dir
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"train": x}} -> {"data.train": x}, so that a stage's `set` merges into sections."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not dotted.endswith("trainer_args"):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _substitute(value: Any, outputs: dict[str, dict[str, Path]], where: str, problems: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _substitute(v, outputs, where, problems) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, outputs, where, problems) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def replace(m: re.Match) -> str:
-        name, attr = m.group(1), m.group(2)
-        if name not in outputs:
-            earlier = f"; earlier stages: {', '.join(outputs)}" if outputs else "; it is the first stage"
-            problems.append(f"{where}: '{m.group(0)}' names no earlier stage{did_you_mean(name, outputs)}{earlier}")
-            return m.group(0)
-        if attr not in ("output", "run"):
-            problems.append(f"{where}: '{m.group(0)}': use {{stages.{name}.output}} (its trained model) or "
-                            f"{{stages.{name}.run}} (its run directory)")
-            return m.group(0)
-        return str(outputs[name][attr])
-
-    return PLACEHOLDER.sub(replace, value)
-
-
-def stage_recipes(chain: Recipe) -> list[tuple[StageSpec, Recipe]]:
-    """Each stage's validated recipe: the chain's fields, then the stage's `recipe` file on top, then its
-    `set`; `{stages.NAME.output|run}` replaced by earlier stages' directories. Every problem of every
-    stage is reported at once."""
-    shared = chain.model_dump(mode="json", exclude_unset=True, exclude={"stages"})
-    shared.get("train", {}).pop("output_dir", None)
-    root = chain_dir(chain)
-    outputs: dict[str, dict[str, Path]] = {}
-    resolved, problems = [], []
-    for i, stage in enumerate(chain.stages or []):
-        where = f"stages[{i}] ({stage.name})"
-        stage_problems: list[str] = []
-        data = shared
-        if stage.recipe:
-            try:
-                own = read_recipe_file(find_recipe(stage.recipe))
-            except UserError as e:
-                problems += [f"{where}.recipe: {p}" for p in e.problems]
-                continue
-            if "stages" in own:
-                stage_problems.append(f"{where}.recipe: '{stage.recipe}' is itself a chain; a stage runs one recipe")
-            data = deep_merge(shared, own)
-        data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
-        sets = flatten(stage.set)
-        fixed = "method" if stage.command in METHODS else "task"
-        if fixed in sets:
-            stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; "
-                                  "drop it")
-        if "stages" in sets or any(k.startswith("stages.") for k in sets):
-            stage_problems.append(f"{where}.set.stages: a stage runs one recipe and cannot hold stages")
-        data[fixed] = stage.command
-        set_dotted(data, "train.output_dir", str(root / stage.name))
-        data.pop("stages", None)
-        try:
-            for key, value in sets.items():
-                set_dotted(data, key, value)
-        except UserError as e:
-            stage_problems += [f"{where}.set: {p}" for p in e.problems]
-        data = _substitute(data, outputs, where, stage_problems)
-        if not stage_problems:
-            try:
-                recipe = build_recipe(data)
-            except UserError as e:
-                stage_problems += [f"{where}: {p}" for p in e.problems]
-            else:
-                if recipe.train.num_processes > 1:
-                    stage_problems.append(f"{where}: train.num_processes > 1 is not supported inside a chain; run "
-                                          f"that stage on its own: finetune {stage.command} ... --num-processes N")
-                resolved.append((stage, recipe))
-                outputs[stage.name] = {"output": stage_output(recipe), "run": recipe.output_dir}
-        if stage_problems:  # still resolvable by later stages, so that one mistake is reported once
-            outputs[stage.name] = {"output": root / stage.name, "run": root / stage.name}
-        problems += stage_problems
-    if problems:
-        raise UserError(problems)
-    return resolved
-
-
-def chain_problems(chain: Recipe) -> list[str]:
-    stages = chain.stages or []
-    if not stages:
-        return ["stages: empty; list the stages to run (or drop `stages` to run a single recipe)"]
-    names = [s.name for s in stages]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        return [f"stages: the name '{n}' is used twice; each stage needs its own name (its run directory)"
-                for n in dupes]
-    try:
-        stage_recipes(chain)
-    except UserError as e:
-        return e.problems
-    return []
