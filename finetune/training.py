@@ -24,6 +24,7 @@ from typing import Any, Callable
 from finetune.errors import UserError, did_you_mean
 from finetune.metrics import perplexity
 from finetune.recipe import Recipe
+from finetune.runlog import append_log, last_logged, trim_log
 
 RUN_MARKERS = ("recipe.yaml", "checkpoints", "metrics.json", "adapter_config.json", "model.safetensors")
 
@@ -62,10 +63,16 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     ckpt_root = run_dir / "checkpoints"
     found = []
     for d in ckpt_root.glob("checkpoint-*"):
-        step = d.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (d / "trainer_state.json").is_file():
-            found.append((int(step), d))
+        step = checkpoint_step(d)
+        if step is not None and (d / "trainer_state.json").is_file():
+            found.append((step, d))
     return [d for _, d in sorted(found)]
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int | None:
+    """The step in a checkpoint's name (checkpoint-500 -> 500); None for None or another name."""
+    step = Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(step) if step.isdigit() else None
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -200,8 +207,6 @@ def log_callback(run_dir: Path, resume_step: int = 0):
     checkpoint's step are dropped so the log reads as one uninterrupted run."""
     from transformers import TrainerCallback
 
-    path = run_dir / "log.jsonl"
-
     class JsonlLog(TrainerCallback):
         def __init__(self):
             self.last_time = None
@@ -210,9 +215,7 @@ def log_callback(run_dir: Path, resume_step: int = 0):
         def on_train_begin(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
-            lines = path.read_text().splitlines() if path.exists() else []
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            trim_log(run_dir, resume_step)
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -226,19 +229,9 @@ def log_callback(run_dir: Path, resume_step: int = 0):
                 elapsed = max(now - self.last_time, 1e-9)
                 record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1)
                 self.last_time, self.last_tokens = now, tokens
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(run_dir, record)
 
     return JsonlLog()
-
-
-def last_logged(run_dir: Path, key: str) -> float | None:
-    path = run_dir / "log.jsonl"
-    if not path.exists():
-        return None
-    values = [json.loads(ln).get(key) for ln in path.read_text().splitlines() if ln.strip()]
-    values = [v for v in values if v is not None]
-    return values[-1] if values else None
 
 
 # ---------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                                        generation_max_length=caption_tokens, generation_num_beams=spec.num_beams,
                                        remove_unused_columns=False, include_num_input_tokens_seen="no")
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=CaptionCollator(), processing_class=tokenizer,
                              compute_metrics=score_captions(tokenizer),

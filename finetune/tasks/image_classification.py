@@ -66,7 +66,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     args = training.training_arguments(recipe, run_dir, remove_unused_columns=False,
                                        include_num_input_tokens_seen="no")
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=processor, compute_metrics=accuracy,
                       callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])

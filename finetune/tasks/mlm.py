@@ -75,7 +75,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 6. Train, evaluate, save. The collator selects and masks the tokens anew in every batch.
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=masking_collator(tokenizer, spec, recipe.train.seed), processing_class=tokenizer,
                       compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_tokens,

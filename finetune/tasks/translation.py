@@ -71,7 +71,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                                        generation_max_length=spec.max_target_length,
                                        generation_num_beams=spec.num_beams)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer,
                              compute_metrics=score_generations(tokenizer),
