@@ -169,10 +169,12 @@ def start_checks(recipe) -> None:
 
     check_precision(recipe)
     check_distributed(recipe)
-    from finetune.quantization import check_quantizable
+    from finetune.quantization import check_quantizable, skeleton
 
+    model = None  # the model on the meta device, built once for both checks below
     if recipe.quant.bits and task_info(recipe.task).quantizable:  # the others refuse quant.bits with their reason
-        check_quantizable(recipe)
+        model = skeleton(recipe.model, recipe.task)
+        check_quantizable(recipe, model)
     if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
         typer.echo("note: --distributed ddp with one process runs without a launcher; pass --num-processes N")
     import torch
@@ -180,7 +182,7 @@ def start_checks(recipe) -> None:
     if torch.cuda.is_available() and recipe.model.name:
         from finetune.memory import estimate, fit_problems
 
-        for p in fit_problems(recipe, estimate(recipe)):
+        for p in fit_problems(recipe, estimate(recipe, model)):
             typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
 
 
@@ -588,10 +590,11 @@ def caption(
 def print_plan(recipe, capacity_gib: float | None = None) -> None:
     """The memory estimate, and a warning when it does not fit one device."""
     from finetune.memory import estimate, fit_problems, report
-    from finetune.quantization import check_quantizable
+    from finetune.quantization import check_quantizable, skeleton
 
-    check_quantizable(recipe)
-    est = estimate(recipe, capacity=capacity_gib * 2**30 if capacity_gib else None)
+    model = skeleton(recipe.model, recipe.task)  # once, for both
+    check_quantizable(recipe, model)
+    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None)
     typer.echo("\n".join(report(recipe, est)))
     for p in fit_problems(recipe, est):
         typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
