@@ -102,10 +102,6 @@ PROTOCOL = ("run", "check", "load_trained", "next_steps", "usage")
 # Looking tasks up
 
 
-def task_names() -> list[str]:
-    return list(REGISTRY)
-
-
 def unknown_task(name: str) -> str:
     return f"task: unknown task '{name}'{did_you_mean(name, REGISTRY)}; choose one of: {', '.join(REGISTRY)}"
 
@@ -134,8 +130,3 @@ def stage_commands() -> tuple[str, ...]:
 def method_tasks() -> list[str]:
     """Tasks trained through `finetune lora|full|pretrain --task NAME`."""
     return [t.name for t in REGISTRY.values() if not t.verb]
-
-
-def tasks_with(ability: str) -> set[str]:
-    """Names of the tasks whose TaskInfo has `ability` true (quantizable, lm_head, chat, ...)."""
-    return {t.name for t in REGISTRY.values() if getattr(t, ability)}
