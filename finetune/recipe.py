@@ -290,8 +290,13 @@ class Recipe(Spec):
         if self.quant.bits and self.method != "lora":
             out.append(f"quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune {self.method}`")
         if info is not None and self.method not in info.methods:
-            out.append(f"method: the {self.task} task starts from a trained model; use --method "
-                       f"{' or '.join(info.methods)}")
+            if info.verb:  # `finetune reward --method ...`
+                out.append(f"method: the {self.task} task starts from a trained model; use --method "
+                           f"{' or '.join(info.methods)}")
+            else:  # `finetune pretrain --task ...`
+                instead = f" ({info.pretrain_instead})" if info.pretrain_instead else ""
+                out.append(f"finetune {self.method}: the {self.task} task fine-tunes a checkpoint; use "
+                           f"{' or '.join(f'`finetune {m}`' for m in info.methods)} with --model{instead}")
         if self.task == "grpo":
             grpo = self.section(GrpoSpec)
             if not grpo.reward:

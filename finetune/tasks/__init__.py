@@ -39,6 +39,7 @@ class TaskInfo:
     verb: bool = False  # has its own training command (`finetune reward`); else lora/full/pretrain --task
     lm_head: bool = False  # its head scores the whole vocabulary at every position (memory: logits)
     inference: str | None = None  # the command that uses a trained run: generate, predict, ...
+    pretrain_instead: str | None = None  # advice when `finetune pretrain` is asked of a task that cannot
 
 
 REGISTRY: dict[str, TaskInfo] = {}
@@ -58,7 +59,8 @@ register(TaskInfo("clm", "finetune.tasks.clm", "AutoModelForCausalLM", methods=M
 register(TaskInfo("mlm", "finetune.tasks.mlm", "AutoModelForMaskedLM", section="mlm", methods=METHODS,
                   packing=True, lm_head=True, inference="fill-mask"))
 register(TaskInfo("classification", "finetune.tasks.classification", "AutoModelForSequenceClassification",
-                  section="classification", inference="predict"))
+                  section="classification", inference="predict",
+                  pretrain_instead="pre-train an encoder with `finetune pretrain --task mlm`"))
 register(TaskInfo("translation", "finetune.tasks.translation", "AutoModelForSeq2SeqLM", section="translation",
                   quantizable=True, lm_head=True, inference="translate"))
 register(TaskInfo("image-classification", "finetune.tasks.image_classification", "AutoModelForImageClassification",

@@ -125,10 +125,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
 
 def raise_if_unsupported(recipe: Recipe) -> None:
-    problems = []
-    if recipe.method == "pretrain":
-        problems.append("finetune pretrain: the classification task fine-tunes a checkpoint; use `finetune lora` "
-                        "or `finetune full` with --model (pre-train an encoder with `finetune pretrain --task mlm`)")
+    problems = []  # (`finetune pretrain` is refused by the recipe: the task registry lists its methods)
     if recipe.quant.bits:
         problems.append("quant.bits: the classification task trains unquantized models; drop quant.bits")
     raise_if(problems)
