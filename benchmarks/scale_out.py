@@ -86,7 +86,9 @@ def cpu_peak_tflops() -> float:
 def run_one(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
     import torch
 
-    from finetune.memory import estimate, peak_memory_callback
+    from peak_memory import peak_memory_callback  # benchmarks/, next to this script
+
+    from finetune.memory import estimate
     from finetune.recipe import build_recipe
     from finetune.tasks import clm
 

@@ -25,23 +25,196 @@ last checkpoint, and reruns every stage after one that ran again (its input chan
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import Stopped, UserError, did_you_mean
-from finetune.recipe import (Recipe, build_recipe, chain_dir, find_recipe, parse_override, read_recipe_file,
-                             stage_output, stage_recipes)
+import yaml
+
 from finetune.checkpoints import complete_checkpoints
+from finetune.errors import Stopped, UserError, did_you_mean
+from finetune.recipe import Recipe, build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
 from finetune.run import execute
+from finetune.tasks import METHODS
 
 SHOWN = ("final_train_loss", "eval_loss", "eval_accuracy", "eval_margin", "margin_start", "margin_end",
          "reward_start", "reward_end", "eval_reward")
 
 
-def load_chain(name_or_path: str, output: str | None = None, sets: list[str] | None = None) -> Recipe:
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    command: str  # the verb it runs: finetune <command>
+    recipe: Recipe  # validated, placeholders replaced
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.output_dir
+
+    @property
+    def output(self) -> Path:
+        return stage_output(self.recipe)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A chained recipe resolved once: the recipe as written (shared fields and `stages`), its directory,
+    and each stage with its own validated recipe."""
+
+    recipe: Recipe
+    root: Path
+    stages: list[Stage]
+
+
+# ---------------------------------------------------------------------------------------
+# Expanding a chained recipe into its stages' recipes
+
+PLACEHOLDER = re.compile(r"\{stages\.([^{}]*?)\.([^.{}]*)\}")
+
+
+def chain_dir(chain: Recipe) -> Path:
+    return Path(chain.train.output_dir) if chain.train.output_dir else Path("runs") / "chain"
+
+
+def stage_output(recipe: Recipe) -> Path:
+    """What `{stages.NAME.output}` names: the stage's trained model as a plain model directory
+    (a LoRA run is merged into its base there by the chain)."""
+    return recipe.output_dir / "merged" if recipe.method == "lora" else recipe.output_dir
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"train": x}} -> {"data.train": x}, so that a stage's `set` merges into sections."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not dotted.endswith("trainer_args"):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _substitute(value: Any, outputs: dict[str, dict[str, Path]], where: str, problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, outputs, where, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, outputs, where, problems) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(m: re.Match) -> str:
+        name, attr = m.group(1), m.group(2)
+        if name not in outputs:
+            earlier = f"; earlier stages: {', '.join(outputs)}" if outputs else "; it is the first stage"
+            problems.append(f"{where}: '{m.group(0)}' names no earlier stage{did_you_mean(name, outputs)}{earlier}")
+            return m.group(0)
+        if attr not in ("output", "run"):
+            problems.append(f"{where}: '{m.group(0)}': use {{stages.{name}.output}} (its trained model) or "
+                            f"{{stages.{name}.run}} (its run directory)")
+            return m.group(0)
+        return str(outputs[name][attr])
+
+    return PLACEHOLDER.sub(replace, value)
+
+
+def stage_recipes(chain: Recipe) -> list[Stage]:
+    """Each stage's validated recipe: the chain's fields, then the stage's `recipe` file on top, then its
+    `set`; `{stages.NAME.output|run}` replaced by earlier stages' directories. Every problem of every
+    stage is reported at once."""
+    shared = chain.model_dump(mode="json", exclude_unset=True, exclude={"stages"})
+    shared.get("train", {}).pop("output_dir", None)
+    root = chain_dir(chain)
+    outputs: dict[str, dict[str, Path]] = {}
+    resolved, problems = [], []
+    for i, stage in enumerate(chain.stages or []):
+        where = f"stages[{i}] ({stage.name})"
+        stage_problems: list[str] = []
+        data = shared
+        if stage.recipe:
+            try:
+                own = read_recipe_file(find_recipe(stage.recipe))
+            except UserError as e:
+                problems += [f"{where}.recipe: {p}" for p in e.problems]
+                continue
+            if "stages" in own:
+                stage_problems.append(f"{where}.recipe: '{stage.recipe}' is itself a chain; a stage runs one recipe")
+            data = deep_merge(shared, own)
+        data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
+        sets = flatten(stage.set)
+        fixed = "method" if stage.command in METHODS else "task"
+        if fixed in sets:
+            stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; "
+                                  "drop it")
+        if "stages" in sets or any(k.startswith("stages.") for k in sets):
+            stage_problems.append(f"{where}.set.stages: a stage runs one recipe and cannot hold stages")
+        data[fixed] = stage.command
+        set_dotted(data, "train.output_dir", str(root / stage.name))
+        data.pop("stages", None)
+        try:
+            for key, value in sets.items():
+                set_dotted(data, key, value)
+        except UserError as e:
+            stage_problems += [f"{where}.set: {p}" for p in e.problems]
+        data = _substitute(data, outputs, where, stage_problems)
+        if not stage_problems:
+            try:
+                recipe = build_recipe(data)
+            except UserError as e:
+                stage_problems += [f"{where}: {p}" for p in e.problems]
+            else:
+                if recipe.train.num_processes > 1:
+                    stage_problems.append(f"{where}: train.num_processes > 1 is not supported inside a chain; run "
+                                          f"that stage on its own: finetune {stage.command} ... --num-processes N")
+                resolved.append(Stage(stage.name, stage.command, recipe))
+                outputs[stage.name] = {"output": stage_output(recipe), "run": recipe.output_dir}
+        if stage_problems:  # still resolvable by later stages, so that one mistake is reported once
+            outputs[stage.name] = {"output": root / stage.name, "run": root / stage.name}
+        problems += stage_problems
+    if problems:
+        raise UserError(problems)
+    return resolved
+
+
+def chain_problems(chain: Recipe) -> list[str]:
+    """What stops the chain before any stage is expanded: no stages, or two with one name."""
+    stages = chain.stages or []
+    if not stages:
+        return ["stages: empty; list the stages to run (or drop `stages` to run a single recipe)"]
+    names = [s.name for s in stages]
+    return [f"stages: the name '{n}' is used twice; each stage needs its own name (its run directory)"
+            for n in sorted({n for n in names if names.count(n) > 1})]
+
+
+def resolve_chain(chain: Recipe) -> Chain:
+    """The chain with every stage's recipe built and validated, once; every problem at once."""
+    problems = chain_problems(chain)
+    if problems:
+        raise UserError(problems)
+    return Chain(chain, chain_dir(chain), stage_recipes(chain))
+
+
+def build_chain(data: dict[str, Any], overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> Chain:
+    """A chained recipe's dict (with `stages`) -> its resolved Chain."""
+    return resolve_chain(build_recipe(data, overrides, sets))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, describing and running a chain
+
+
+def load_chain(name_or_path: str, output: str | None = None, sets: list[str] | None = None) -> Chain:
     """The chain recipe, with `--set stages.NAME.KEY=VALUE` applied to that stage and the other
     `--set` items to the shared fields."""
     data = read_recipe_file(find_recipe(name_or_path))
@@ -63,13 +236,14 @@ def load_chain(name_or_path: str, output: str | None = None, sets: list[str] | N
             stages[name][rest] = value
         else:
             stages[name].setdefault("set", {})[rest] = value
-    return build_recipe(data, {"train.output_dir": output}, shared_sets)
+    return build_chain(data, {"train.output_dir": output}, shared_sets)
 
 
-def describe(chain: Recipe) -> str:
+def describe(chain: Chain) -> str:
     """The plan: one line per stage with its command, model and run directory."""
-    lines = [f"chain: {len(chain.stages or [])} stages in {chain_dir(chain)}/"]
-    for i, (stage, recipe) in enumerate(stage_recipes(chain), 1):
+    lines = [f"chain: {len(chain.stages)} stages in {chain.root}/"]
+    for i, stage in enumerate(chain.stages, 1):
+        recipe = stage.recipe
         model = recipe.model.name or recipe.model.config
         lines.append(f"  {i}. {stage.name:<10} finetune {stage.command:<8} ({recipe.task}, {recipe.method})  "
                      f"model {model}  data {recipe.data.train}  -> {recipe.output_dir}")
@@ -104,8 +278,8 @@ def check_inputs(stages, root: Path) -> None:
     from finetune.models import check_model_files
 
     problems = []
-    for i, (stage, recipe) in enumerate(stages):
-        where = f"stages[{i}] ({stage.name})"
+    for i, stage in enumerate(stages):
+        recipe, where = stage.recipe, f"stages[{i}] ({stage.name})"
         try:
             check_sources(recipe.data)
             name = recipe.model.name
@@ -138,18 +312,18 @@ def check_unchanged(stage_name: str, recipe: Recipe) -> None:
                         f"whole chain afresh, or delete {recipe.output_dir} to run this stage and the ones after it again")
 
 
-def run_chain(chain: Recipe, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
-    stages = stage_recipes(chain)
-    root = chain_dir(chain)
+def run_chain(chain: Chain, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
+    stages, root = chain.stages, chain.root
     check_inputs(stages, root)
     prepare_dir(root, overwrite, resume)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "chain.yaml").write_text(chain.to_yaml())
+    (root / "chain.yaml").write_text(chain.recipe.to_yaml())
     print(describe(chain), flush=True)
 
     summary: list[dict[str, Any]] = []
     upstream_ran = overwrite  # once a stage runs again, every later stage has a new input
-    for i, (stage, recipe) in enumerate(stages, 1):
+    for i, stage in enumerate(stages, 1):
+        recipe = stage.recipe
         run_dir = recipe.output_dir
         header = f"stage {i}/{len(stages)} {stage.name} (finetune {stage.command})"
         if finished(recipe) and not upstream_ran:

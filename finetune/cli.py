@@ -15,6 +15,7 @@ import typer
 
 from finetune import __version__
 from finetune.errors import Stopped, UserError
+from finetune.tasks import load_task, method_tasks, task_info
 
 app = typer.Typer(
     name="finetune",
@@ -68,16 +69,11 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         fail([f"{type(e).__name__}: {first_line(e)}", "run again with --debug for the full traceback"], code=1)
 
 
-def task_module(task: str):
-    from finetune.run import task_module as find
-
-    return find(task)
-
-
 def env_defaults() -> None:
-    from finetune.run import env_defaults as defaults
+    """Offline-safe defaults before any Hugging Face import."""
+    from finetune.hub import use_offline_defaults
 
-    defaults()
+    use_offline_defaults()
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def env_defaults() -> None:
 RecipeArg = Annotated[Optional[str], typer.Argument(help="Recipe: a YAML file or a built-in name "
                                                           "(`finetune recipes list`).", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model directory.")]
-TASK_HELP = "Task (default clm): clm, mlm, classification, translation, image-classification, captioning."
+TASK_HELP = f"Task (default clm): {', '.join(method_tasks())}."
 TaskOpt = Annotated[Optional[str], typer.Option("--task", "-t", help=TASK_HELP)]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="lora (default) or full.")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="Training data: .jsonl/.json/.csv/.parquet/.txt, a folder, or a Hub dataset.")]
@@ -253,20 +249,21 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
 
         scale = scale_overrides(quant, bf16, fp16, distributed)
         overrides = flag_overrides(model, task, data, eval_data, output, max_steps, epochs, num_processes, scale)
+        from finetune.chain import describe, resolve_chain
+
         try:
             r: Recipe = resolve_recipe(method, recipe, overrides, set_, False, allow_chain=True)
+            chain = resolve_chain(r) if r.stages else None
         except UserError as e:
             typer.echo(f"recipe: {len(e.problems)} problem(s)")
             raise
-        if r.stages:  # a chain: every stage's recipe is valid; later stages' inputs do not exist yet
-            from finetune.chain import describe
-
-            typer.echo(f"recipe: ok\n{describe(r)}")
+        if chain:  # every stage's recipe is valid; later stages' inputs do not exist yet
+            typer.echo(f"recipe: ok\n{describe(chain)}")
             return
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()
-        mod = task_module(r.task)
-        problems, notes = mod.check(r) if hasattr(mod, "check") else ([], [])
+        mod = load_task(r.task)
+        problems, notes = mod.check(r)
         for n in notes:
             typer.echo(f"  {n}")
         if problems:
@@ -328,7 +325,7 @@ def env(debug: DebugOpt = False) -> None:
     """Versions, devices, and whether the Hugging Face Hub is reachable."""
 
     def body():
-        from finetune.launch import environment_report
+        from finetune.environment import environment_report
 
         typer.echo(environment_report())
 
@@ -415,11 +412,10 @@ def predict(
         check_model_dir(run_dir, "run")
         recipe = run_recipe(run_dir)
         task = recipe.task if recipe else classifier_task(run_dir)
-        module = task_module(task)
-        if not hasattr(module, "predict"):
+        if task_info(task).inference != "predict":
             raise UserError(f"run: '{run}' was trained for the {task} task, which has no predict; "
                             "predict works with classification and image-classification runs")
-        rows = module.predict(run_dir, list(inputs) if inputs else None, data)
+        rows = load_task(task).predict(run_dir, list(inputs) if inputs else None, data)
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -440,10 +436,11 @@ def classifier_task(model_dir: Path) -> str:
 
     config = model_dir / "config.json"
     architectures = (json.loads(config.read_text()).get("architectures") if config.is_file() else None) or [""]
-    for suffix, task in (("ForSequenceClassification", "classification"),
-                         ("ForImageClassification", "image-classification")):
-        if architectures[0].endswith(suffix):
-            return task
+    from finetune.tasks import REGISTRY
+
+    for task in REGISTRY.values():  # AutoModelForSequenceClassification -> *ForSequenceClassification
+        if task.inference == "predict" and architectures[0].endswith(task.auto_class.removeprefix("AutoModel")):
+            return task.name
     raise UserError(f"run: '{model_dir}' has no recipe.yaml and is not a classifier; predict needs a "
                     "classification or image-classification run (or a model directory of one)")
 
@@ -544,10 +541,11 @@ def caption(
 def print_plan(recipe, capacity_gib: float | None = None) -> None:
     """The memory estimate, and a warning when it does not fit one device."""
     from finetune.memory import estimate, fit_problems, report
-    from finetune.quantization import check_quantizable
+    from finetune.quantization import check_quantizable, skeleton
 
-    check_quantizable(recipe)
-    est = estimate(recipe, capacity=capacity_gib * 2**30 if capacity_gib else None)
+    model = skeleton(recipe.model, recipe.task)  # once, for both
+    check_quantizable(recipe, model)
+    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None)
     typer.echo("\n".join(report(recipe, est)))
     for p in fit_problems(recipe, est):
         typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)
@@ -592,7 +590,7 @@ def launch_config_command(
     Example: finetune launch-config --distributed fsdp -n 16 --num-machines 2 --main-process-ip 10.0.0.1"""
 
     def body():
-        from finetune.launch import launch_config_yaml
+        from finetune.presets import launch_config_yaml
         from finetune.recipe import find_recipe, load_recipe
 
         scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,

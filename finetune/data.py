@@ -38,7 +38,7 @@ def load_source(name: str, key: str, split: str = "train", config: str | None = 
         elif looks_like_file(name):
             raise UserError(f"{key}: no such file '{name}'")
         else:
-            from finetune.models import hub_reachable
+            from finetune.hub import hub_reachable
 
             if not hub_reachable():
                 raise UserError(f"{key}: '{name}' is not a local file or folder, and the Hugging Face Hub is "

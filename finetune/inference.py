@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.recipe import TASKS, Recipe, read_recipe_file
+from finetune.recipe import Recipe, read_recipe_file
+from finetune.tasks import load_task
 
 
 def run_recipe(run_dir: Path) -> Recipe | None:
@@ -20,7 +20,7 @@ def run_recipe(run_dir: Path) -> Recipe | None:
 
 def run_task(run_dir: Path, default: str = "clm"):
     recipe = run_recipe(run_dir)
-    return importlib.import_module(TASKS[recipe.task if recipe else default])
+    return load_task(recipe.task if recipe else default)
 
 
 def check_model_dir(path: Path, key: str) -> None:

@@ -8,7 +8,7 @@
 
 A run's accelerate config is a preset shipped in `finetune/presets/` (or the user's own accelerate
 config file) with the process counts, machine rank, address and mixed precision of the run filled
-in; `launch_config` builds it, `finetune launch-config` prints it and `relaunch` hands exactly that
+in; `presets.launch_config` builds it, `finetune launch-config` prints it and `relaunch` hands exactly that
 file to `accelerate launch`. `--num-processes` counts the processes on all machines together, as
 accelerate does.
 
@@ -24,73 +24,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
-from typing import Any
 
-from finetune.errors import UserError, did_you_mean
+from finetune.errors import UserError
+from finetune.presets import launch_config, preset_kind
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-DEFAULT_PORT = 29500  # torchrun's; every machine of a multi-node run must use the same one
 
 # Flags of the parent that must not reach the children: the parent already checked (or cleared,
 # with --overwrite) the run directory.
 PARENT_ONLY = {"--overwrite": False}
-
-
-# ---------------------------------------------------------------------------------------
-# Presets
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def preset_path(value: str) -> Path:
-    return PRESETS_DIR / f"{value}.yaml" if value in preset_names() else Path(value).expanduser()
-
-
-def read_preset(value: str) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(preset_path(value).read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def preset_problem(value: str) -> str | None:
-    """Why `train.distributed: VALUE` cannot be used, or None."""
-    if value in preset_names():
-        return None
-    path = Path(value).expanduser()
-    if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
-        return (f"train.distributed: unknown preset '{value}'{did_you_mean(value, preset_names())}; choose one of "
-                f"{', '.join(preset_names())}, or give the path of an accelerate config file")
-    if not path.is_file():
-        return f"train.distributed: no such accelerate config file '{value}'"
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        return f"train.distributed: '{value}' is not valid YAML: {getattr(e, 'problem', e)}"
-    if not isinstance(data, dict) or "distributed_type" not in data:
-        return (f"train.distributed: '{value}' has no distributed_type; write it with `accelerate config` "
-                "or start from `finetune launch-config --distributed ddp`")
-    return None
-
-
-def preset_kind(value: str | None) -> str:
-    """ddp, fsdp, deepspeed-zero<stage>, or the accelerate distributed_type for anything else."""
-    if not value:
-        return "ddp"
-    data = read_preset(value)
-    kind = str(data.get("distributed_type", "")).upper()
-    if kind == "FSDP":
-        return "fsdp"
-    if kind == "DEEPSPEED":
-        return f"deepspeed-zero{(data.get('deepspeed_config') or {}).get('zero_stage', 2)}"
-    if kind.startswith("MULTI_") or kind == "NO":
-        return "ddp"
-    return kind.lower()
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,30 +42,6 @@ def needs_launch(recipe) -> bool:
     """Whether this run goes through `accelerate launch` (several processes, machines, or a sharded preset)."""
     t = recipe.train
     return t.num_processes > 1 or t.num_machines > 1 or preset_kind(t.distributed) != "ddp"
-
-
-def launch_config(recipe) -> dict[str, Any]:
-    """The preset (default ddp) with this run's processes, machines, address and precision filled in."""
-    t = recipe.train
-    config = read_preset(t.distributed or "ddp")
-    config.update(num_processes=t.num_processes, num_machines=t.num_machines, machine_rank=t.machine_rank,
-                  mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no")
-    if t.num_machines > 1:
-        config.update(main_process_ip=t.main_process_ip, main_process_port=t.main_process_port or DEFAULT_PORT)
-    else:
-        config.pop("main_process_ip", None)
-        config["main_process_port"] = t.main_process_port or 0  # 0: accelerate picks a free port
-    return config
-
-
-def launch_config_yaml(recipe) -> str:
-    import yaml
-
-    t = recipe.train
-    source = f"preset '{t.distributed or 'ddp'}'" if (t.distributed or "ddp") in preset_names() else t.distributed
-    head = (f"# accelerate config for this run ({source}; num_processes counts all machines).\n"
-            "# Use it as: accelerate launch --config_file <this file> -m finetune <command> ...\n")
-    return head + yaml.safe_dump(launch_config(recipe), sort_keys=False)
 
 
 def child_argv(argv: list[str]) -> list[str]:
@@ -206,75 +123,3 @@ def relaunch(recipe, resume: bool = False) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         os.unlink(f.name)
-
-
-# ---------------------------------------------------------------------------------------
-# Replicas in sync
-
-
-def weights_fingerprint(tensors) -> str:
-    """A short digest of tensors' values: per tensor the float64 sum, sum of squares and a position-weighted
-    sum, computed where the tensors live (no copy to the CPU of a large model)."""
-    import hashlib
-
-    import torch
-
-    stats = []
-    for t in tensors:
-        x = t.detach().reshape(-1).double()
-        ramp = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64) / x.numel()
-        stats.append(torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()]).cpu())
-    blob = torch.cat(stats).numpy().tobytes() if stats else b""
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def replica_fingerprints(model) -> list[str] | None:
-    """Every rank's fingerprint of its trainable weights, gathered (a collective: every rank calls it).
-
-    Data-parallel replicas must end bit-identical; a difference means ranks trained apart (a sampler
-    or gradient-sync bug). None in a single process, or when weights are sharded (FSDP, ZeRO-3) and
-    each rank holds only a slice."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    params = [p for p in model.parameters() if p.requires_grad]
-    sharded = any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in params)
-    mine = None if sharded else weights_fingerprint(params)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return None if any(g is None for g in gathered) else gathered
-
-
-# ---------------------------------------------------------------------------------------
-# finetune env
-
-
-def environment_report() -> str:
-    import importlib.metadata as md
-
-    from finetune.models import hub_reachable
-
-    lines = []
-    for pkg in ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "evaluate",
-                "bitsandbytes", "tokenizers", "typer", "pydantic"):
-        try:
-            lines.append(f"{pkg:<14} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            lines.append(f"{pkg:<14} not installed")
-    lines.append(f"{'python':<14} {sys.version.split()[0]}")
-    import torch
-
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            lines.append(f"{'cuda:' + str(i):<14} {p.name}, {p.total_memory / 2**30:.0f} GiB, "
-                         f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
-    else:
-        lines.append(f"{'devices':<14} CPU only ({os.cpu_count()} cores)")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    lines.append(f"{'hub':<14} " + ("offline mode (HF_HUB_OFFLINE=1)" if offline
-                                    else "reachable" if hub_reachable() else "unreachable (finetune runs offline)"))
-    lines.append(f"{'HF_HOME':<14} {os.environ.get('HF_HOME', '~/.cache/huggingface')}")
-    lines.append(f"{'HF_TOKEN':<14} {'set' if os.environ.get('HF_TOKEN') else 'not set'}")
-    return "\n".join(lines)

@@ -8,7 +8,7 @@
 built on the meta device: exact parameter counts, no weights read): weights (quantised or not),
 gradients and AdamW state of what trains, activations of one micro-batch, the logits and loss, and
 the share a distributed preset keeps per device. It is an estimate: on CPU it was checked against
-the measured peak of live tensors (`PeakMemory`) and on CUDA `torch.cuda.max_memory_allocated`
+the measured peak of live tensors (benchmarks/peak_memory.py) and on CUDA `torch.cuda.max_memory_allocated`
 is what it predicts (BENCHMARKS.md has the numbers and the script).
 """
 
@@ -19,6 +19,7 @@ import os
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe
+from finetune.tasks import task_info
 
 GiB = 2**30
 
@@ -162,10 +163,6 @@ def ffn_saved_tensors(model, config) -> int:
     return 5 if act == "gelu_new" else 2
 
 
-# Tasks whose head scores the whole vocabulary at every position (the logits term of the estimate).
-LM_HEAD_TASKS = {"clm", "mlm", "translation", "captioning", "dpo", "ppo", "grpo"}
-
-
 def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
     """Tokens per example: data.max_length (or the model's context, at most 1024); patches for images."""
     vision = getattr(config, "vision_config", None) or config
@@ -196,7 +193,7 @@ def device_capacity() -> float | None:
 def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estimate:
     """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given)."""
     from finetune.adapters import lora_config
-    from finetune.launch import preset_kind
+    from finetune.presets import preset_kind
     from finetune.quantization import quantizable_layers, skeleton
 
     model = model if model is not None else skeleton(recipe.model, recipe.task)
@@ -256,7 +253,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         activations = L * per_layer * act_bytes
     activations += 3 * b * s * h * act_bytes  # embeddings and final norm
     # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
-    vocab = dims["vocab"] if recipe.task in LM_HEAD_TASKS else 0
+    vocab = dims["vocab"] if task_info(recipe.task).lm_head else 0  # a head over the whole vocabulary
     logits = float(b * s * vocab * (12 + (act_bytes if act_bytes == 2 else 0)))
 
     # Distributed presets: what each device keeps.
@@ -319,81 +316,3 @@ def fit_problems(recipe: Recipe, est: Estimate) -> list[str]:
     return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit in the {fmt(est.capacity)} "
             "of one device (with 10% to spare); lower train.batch_size (and raise train.grad_accum), set "
             "train.gradient_checkpointing=true, use --bf16, --quant 4bit, or shard with --distributed fsdp"]
-
-
-# ---------------------------------------------------------------------------------------
-# Measuring: the peak of live tensors during training
-
-
-def peak_memory_callback():
-    """A TrainerCallback measuring the peak bytes of live tensors from train begin to end (`.peak`).
-
-    CUDA: the caching allocator's own peak (`torch.cuda.max_memory_allocated`). CPU has no such
-    counter, so a TorchDispatchMode adds up the storages every operation creates and takes them off
-    when they are freed (slow: for checking estimates, not for production runs)."""
-    import torch
-    from transformers import TrainerCallback
-
-    class PeakMemory(TrainerCallback):
-        peak = 0
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-                return
-            self.tracker = live_tensor_tracker()
-            for tensor in [*model.parameters(), *model.buffers()]:
-                self.tracker.add(tensor)
-            self.tracker.__enter__()
-
-        def on_train_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                self.peak = torch.cuda.max_memory_allocated()
-                return
-            self.tracker.__exit__(None, None, None)
-            self.peak = self.tracker.peak
-
-    return PeakMemory()
-
-
-def live_tensor_tracker():
-    """A TorchDispatchMode counting the bytes of live tensor storages (`.now`, `.peak`)."""
-    import weakref
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    class LiveTensorBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sizes = WeakIdKeyDictionary()  # storage -> [bytes], a cell the finaliser reads
-            self.now = self.peak = 0
-
-        def add(self, tensor) -> None:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                return
-            try:
-                storage = tensor.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensors without storage
-                return
-            cell = self.sizes.get(storage)
-            if cell is None:
-                cell = self.sizes[storage] = [0]
-                weakref.finalize(storage, self.free, cell)
-            n = storage.nbytes()
-            self.now += n - cell[0]
-            cell[0] = n
-            self.peak = max(self.peak, self.now)
-
-        def free(self, cell) -> None:
-            self.now -= cell[0]
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for tensor in tree_flatten(out)[0]:
-                self.add(tensor)
-            return out
-
-    return LiveTensorBytes()

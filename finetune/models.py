@@ -6,13 +6,12 @@ pre-training builds a model from a size preset or a config file with `model_from
 
 from __future__ import annotations
 
-import functools
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.hub import hub_reachable, unreachable_reason
 from finetune.recipe import ModelSpec, QuantSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -24,19 +23,6 @@ GPT_PRESETS: dict[str, dict[str, int]] = {
     "small": dict(n_embd=384, n_layer=6, n_head=6, n_positions=512),  # ~10M + embeddings
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),  # GPT-2 small, 124M
 }
-
-
-@functools.cache
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether huggingface.co answers on 443 (a quick TCP connect, no HTTP)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def looks_like_path(name: str) -> bool:
@@ -62,9 +48,7 @@ def check_source(name: str, key: str, filename: str = "config.json") -> str:
     if looks_like_path(name):
         raise UserError(f"{key}: no such directory '{name}'")
     if not hub_reachable() and not in_hub_cache(name, filename):
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub is unreachable"
-        raise UserError(f"{key}: '{name}' is not a local directory, and {why} with no cached copy; "
+        raise UserError(f"{key}: '{name}' is not a local directory, and {unreachable_reason()} with no cached copy; "
                         "pass a directory written by save_pretrained, or go online")
     return name
 

@@ -21,14 +21,12 @@ and the logged numbers are averaged over processes.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,10 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, pad
 
 from finetune import guards
 from finetune.checkpoints import write_manifest
+from finetune.ppo_math import (gae, kl_k1, masked_mean, masked_whiten, policy_loss, positions, prompt_indices,
+                               response_mask, token_rewards, value_loss)
 from finetune.recipe import PpoSpec, TrainSpec
+from finetune.runlog import append_log, trim_log
 
 
 class Critic(nn.Module):
@@ -58,56 +59,6 @@ class Critic(nn.Module):
         return model.score(hidden).squeeze(-1).float()
 
 
-def frozen_copy(model):
-    """A frozen copy of the policy as it is now: the reference. (trl's `create_reference_model`
-    does the same but moved to trl.experimental, which warns on every import.)"""
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
-
-
-# ---------------------------------------------------------------------------------------
-# Tensor helpers. trl dropped masked_mean / masked_whiten together with its PPOTrainer.
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over the entries where mask is 1; 0 elsewhere."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for response tokens up to and including the first eos, 0 for the padding after it."""
-    is_eos = (responses == eos_id).long()
-    eos_before = is_eos.cumsum(1) - is_eos
-    return (eos_before == 0).long()
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation, backwards over the response tokens. Past the last
-    token rewards and values are 0, so each response ends its own episode."""
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    length = rewards.shape[1]
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running
-    return advantages * mask, (advantages + values) * mask
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as `generate` computes them."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 def response_logits(model, input_ids, attention_mask, context: int, temperature: float) -> torch.Tensor:
     """Logits predicting each response token (the sequence after the first `context` tokens),
     scaled by the sampling temperature so they describe the distribution that was sampled."""
@@ -116,38 +67,29 @@ def response_logits(model, input_ids, attention_mask, context: int, temperature:
     return out.logits[:, context - 1:-1].float() / temperature
 
 
-@lru_cache(maxsize=4)
-def _order(n: int, epoch: int, seed: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
-def prompt_indices(n: int, iteration: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
-    """This process's prompts for an iteration: consecutive slices of a stream of shuffled passes
-    over the prompts, so an iteration number alone says which prompts it used (resume)."""
-    start = (iteration * world + rank) * batch
-    return [_order(n, p // n, seed)[p % n] for p in range(start, start + batch)]
-
-
 # ---------------------------------------------------------------------------------------
 
 
 class PpoTrainer:
-    def __init__(self, policy, critic: Critic, ref_policy, tokenizer, reward_fn: Callable, spec: PpoSpec,
-                 train: TrainSpec, learning_rate: float, accelerator, total_iterations: int):
+    def __init__(self, *, policy, critic: Critic, reference, tokenizer, reward_fn: Callable, spec: PpoSpec,
+                 train: TrainSpec, learning_rate: float, accelerator, iterations: int):
+        """`reference`: a frozen copy of the starting policy, or None under LoRA (the policy with its
+        adapter disabled is the reference then). `iterations`: how many `iteration`s `train` runs."""
         from transformers import GenerationConfig, get_scheduler
 
         self.spec, self.train_spec, self.accelerator = spec, train, accelerator
+        self.iterations = iterations
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         # Dropout would make the log-probs of the rollout and of the update disagree.
-        for model in (policy, critic, ref_policy):
+        for model in (policy, critic, reference):
             if model is not None:
                 disable_dropout_in_model(model)
 
         params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=train.weight_decay, eps=1e-5)
         minibatch = train.batch_size * train.grad_accum
-        self.total_steps = total_iterations * spec.ppo_epochs * max(1, spec.rollout_batch_size // minibatch)
+        self.total_steps = iterations * spec.ppo_epochs * max(1, spec.rollout_batch_size // minibatch)
         warmup = int(train.warmup) if train.warmup >= 1 else math.ceil(train.warmup * self.total_steps)
         # Stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per
         # process, which assumes a dataloader that splits the data across processes.
@@ -155,7 +97,7 @@ class PpoTrainer:
                                        num_training_steps=self.total_steps)
         self.policy, self.critic, self.optimizer = accelerator.prepare(policy, critic, optimizer)
         self.params = params
-        self.ref_policy = ref_policy.to(accelerator.device) if ref_policy is not None else None
+        self.ref_policy = reference.to(accelerator.device) if reference is not None else None
         # Every sampling knob set explicitly: unset values would come from the model's
         # generation_config (top_k=50, repetition penalties), and PPO's ratios assume plain sampling.
         self.generation_config = GenerationConfig(
@@ -211,10 +153,8 @@ class PpoTrainer:
         values, entropy = torch.cat(values) * mask, torch.cat(entropy)
 
         # 4. Per-token rewards: the KL penalty everywhere, the score at the last response token.
-        kl = logprobs - ref_logprobs
-        rewards = -s.kl_coef * kl
-        last = mask.sum(1) - 1
-        rewards[torch.arange(len(rewards), device=dev), last] += penalised
+        kl = kl_k1(logprobs, ref_logprobs)
+        rewards = token_rewards(kl, penalised, mask, s.kl_coef)
 
         # 5. Advantages and returns.
         advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
@@ -269,20 +209,11 @@ class PpoTrainer:
                     new_values = self.critic(b["input_ids"], b["attention_mask"],
                                              positions(b["attention_mask"]))[:, context - 1:-1]
 
-                    # Value loss, with the new values kept near the rollout's (clipped).
-                    clipped_values = b["values"] + (new_values - b["values"]).clamp(-s.clip_range_value,
-                                                                                   s.clip_range_value)
-                    value_losses = torch.max((new_values - b["returns"]) ** 2, (clipped_values - b["returns"]) ** 2)
-                    value_loss = 0.5 * masked_mean(value_losses, m)
+                    loss_v, value_clip = value_loss(new_values, b["values"], b["returns"], m, s.clip_range_value)
+                    loss_p, clip_fraction, approx_kl = policy_loss(new_logprobs, b["logprobs"], b["advantages"], m,
+                                                                   s.clip_range)
 
-                    # Policy loss: the clipped surrogate objective.
-                    log_ratio = (new_logprobs - b["logprobs"]) * m
-                    ratio = torch.exp(log_ratio)
-                    unclipped = -b["advantages"] * ratio
-                    clipped = -b["advantages"] * ratio.clamp(1 - s.clip_range, 1 + s.clip_range)
-                    policy_loss = masked_mean(torch.max(unclipped, clipped), m)
-
-                    self.accelerator.backward(policy_loss + s.vf_coef * value_loss)
+                    self.accelerator.backward(loss_p + s.vf_coef * loss_v)
                     if self.accelerator.sync_gradients and self.train_spec.max_grad_norm > 0:
                         self.accelerator.clip_grad_norm_(self.params, self.train_spec.max_grad_norm)
                     self.optimizer.step()
@@ -290,26 +221,20 @@ class PpoTrainer:
                         self.scheduler.step()
                     self.optimizer.zero_grad()
 
-                with torch.no_grad():
-                    totals["policy_loss"].append(policy_loss.detach())
-                    totals["value_loss"].append(value_loss.detach())
-                    totals["clip_fraction"].append(masked_mean((clipped > unclipped).float(), m))
-                    totals["value_clip_fraction"].append(masked_mean(
-                        ((new_values - b["returns"]) ** 2 < (clipped_values - b["returns"]) ** 2).float(), m))
-                    totals["approx_kl"].append(0.5 * masked_mean(log_ratio ** 2, m))
+                for key, value in (("policy_loss", loss_p), ("value_loss", loss_v), ("clip_fraction", clip_fraction),
+                                   ("value_clip_fraction", value_clip), ("approx_kl", approx_kl)):
+                    totals[key].append(value.detach())
         return {k: torch.stack(v).mean() for k, v in totals.items()}
 
     # -----------------------------------------------------------------------------------
     # The loop, held-out evaluation, checkpoints
 
-    def train(self, prompt_ids: list[list[int]], prompt_texts: list[str], iterations: int, start: int,
-              run_dir: Path, seed: int, callbacks: list | None = None) -> None:
-        acc = self.accelerator
-        log_path = run_dir / "log.jsonl"
+    def train(self, *, prompt_ids: list[list[int]], prompt_texts: list[str], start: int, run_dir: Path, seed: int,
+              callbacks: list | None = None) -> None:
+        """Iterations `start` .. `self.iterations`, logging each, checkpointing every train.save_steps."""
+        acc, iterations = self.accelerator, self.iterations
         if acc.is_main_process:  # on resume, keep only the lines up to the checkpoint
-            lines = log_path.read_text().splitlines() if log_path.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            trim_log(run_dir, start)
         for it in range(start, iterations):
             began = time.perf_counter()
             idx = prompt_indices(len(prompt_ids), it, self.spec.rollout_batch_size, acc.process_index,
@@ -318,8 +243,7 @@ class PpoTrainer:
             record: dict[str, Any] = {"step": it + 1, **metrics, "learning_rate": self.scheduler.get_last_lr()[0],
                                       "iteration_s": round(time.perf_counter() - began, 3)}
             if acc.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_log(run_dir, record)
                 print(f"iteration {it + 1}/{iterations}  reward {metrics['reward']:.4f}  kl {metrics['kl']:.4f}  "
                       f"entropy {metrics['entropy']:.3f}  length {metrics['response_length']:.1f}  "
                       f"policy_loss {metrics['policy_loss']:.4f}  value_loss {metrics['value_loss']:.4f}  "
@@ -397,8 +321,9 @@ class PpoTrainer:
 
     def prune_checkpoints(self, root: Path) -> None:
         limit = self.train_spec.save_total_limit
-        found = sorted((int(d.name.rsplit("-", 1)[-1]), d) for d in root.glob("checkpoint-*")
-                       if d.name.rsplit("-", 1)[-1].isdigit())
+        from finetune.training import checkpoint_step
+
+        found = sorted((checkpoint_step(d), d) for d in root.glob("checkpoint-*") if checkpoint_step(d) is not None)
         for _, d in (found[:-limit] if limit else []):
             shutil.rmtree(d, ignore_errors=True)
 

@@ -17,16 +17,6 @@ from __future__ import annotations
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
-# Which Auto class each task loads; the memory estimate and the early check build this skeleton.
-TASK_AUTO_CLASS = {
-    "clm": "AutoModelForCausalLM", "dpo": "AutoModelForCausalLM", "ppo": "AutoModelForCausalLM",
-    "grpo": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
-    "classification": "AutoModelForSequenceClassification", "reward": "AutoModelForSequenceClassification",
-    "translation": "AutoModelForSeq2SeqLM", "image-classification": "AutoModelForImageClassification",
-    "captioning": "AutoModelForImageTextToText",
-}
-
-
 def quantized_layers(model) -> list[str]:
     """Names of the bitsandbytes layers in a loaded model."""
     import bitsandbytes as bnb
@@ -56,7 +46,10 @@ def skeleton(spec, task: str):
     from finetune.models import load_config
 
     config = load_config(spec)
-    for name in (TASK_AUTO_CLASS.get(task, "AutoModel"), "AutoModel"):
+    from finetune.tasks import REGISTRY
+
+    info = REGISTRY.get(task)
+    for name in (info.auto_class if info else "AutoModel", "AutoModel"):
         try:
             with torch.device("meta"):
                 return getattr(transformers, name).from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -73,11 +66,6 @@ def check_backend(recipe: Recipe) -> None:
     except ImportError as e:
         raise UserError(f"--quant {recipe.quant.bits}bit: bitsandbytes is not installed (pip install bitsandbytes), "
                         "or drop --quant") from e
-
-
-# Tasks that refuse quant.bits themselves, with their own reason (a new head, cross-attention or value
-# model that cannot train in 4/8 bits); checking the model for them first would only hide that reason.
-UNQUANTIZED_TASKS = {"mlm", "classification", "image-classification", "captioning", "ppo"}
 
 
 def check_quantizable(recipe: Recipe, model=None) -> None:

@@ -15,29 +15,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from finetune.errors import UserError, did_you_mean
-
-# Task name -> module under finetune/tasks. The CLI imports the module only when it runs.
-TASKS: dict[str, str] = {
-    "clm": "finetune.tasks.clm",
-    # encoder, encoder-decoder and vision
-    "mlm": "finetune.tasks.mlm",
-    "classification": "finetune.tasks.classification",
-    "translation": "finetune.tasks.translation",
-    "image-classification": "finetune.tasks.image_classification",
-    "captioning": "finetune.tasks.captioning",
-    # RLHF
-    "reward": "finetune.tasks.reward",
-    "dpo": "finetune.tasks.dpo",
-    "ppo": "finetune.tasks.ppo",
-    "grpo": "finetune.tasks.grpo",
-}
+from finetune.tasks import REGISTRY, section_owner, stage_commands, unknown_task
 
 Method = Literal["lora", "full", "pretrain"]
 
@@ -45,6 +30,9 @@ Method = Literal["lora", "full", "pretrain"]
 class Spec(BaseModel):
     # allow_inf_nan=False: `learning_rate: .inf` or `nan` is an error, not a run that diverges at once
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+S = TypeVar("S", bound=Spec)
 
 
 class ModelSpec(Spec):
@@ -239,17 +227,22 @@ class GrpoSpec(Spec):
     beta: float = Field(0.0, ge=0)  # KL penalty toward the starting policy; 0 skips the reference model
 
 
-METHOD_COMMANDS = ("lora", "full", "pretrain")
-
-
 class StageSpec(Spec):
     """One stage of a chained recipe: `finetune <command>` on the chain's fields plus `set`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # its run is <chain output>/<name>
-    command: Literal["lora", "full", "pretrain", "reward", "dpo", "ppo", "grpo"]  # the verb this stage runs
+    command: str  # the verb this stage runs: lora, full, pretrain, or a task with its own verb (reward, dpo, ...)
     recipe: str | None = None  # a recipe file or built-in name as the base; unset: the chain's own fields
     set: dict[str, Any] = {}  # overrides (dotted or nested keys); "{stages.NAME.output}" is an earlier
     # stage's trained model (a LoRA run merged into its base), "{stages.NAME.run}" its run directory
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v):
+        if v not in stage_commands():
+            *rest, last = map(repr, stage_commands())
+            raise PydanticCustomError("literal_error", f"Input should be {', '.join(rest)} or {last}")
+        return v
 
 
 class PpoSpec(Spec):
@@ -304,11 +297,12 @@ class Recipe(Spec):
     def problems(self) -> list[str]:
         """Contradictions between fields, phrased as the keys the user wrote."""
         if self.stages is not None:  # a chain: its fields are defaults, checked in each stage's recipe
-            return chain_problems(self)
+            return []  # by chain.resolve_chain
         out = []
-        if self.task not in TASKS:
-            out.append(f"task: unknown task '{self.task}'{did_you_mean(self.task, TASKS)}; "
-                       f"choose one of: {', '.join(TASKS)}")
+        info = REGISTRY.get(self.task)
+        if info is None:
+            out.append(unknown_task(self.task))
+        out += self.section_problems()
         if self.method == "pretrain":
             if self.model.name and self.model.config:
                 out.append("model.name and model.config: pretraining builds the model from model.config; "
@@ -321,10 +315,16 @@ class Recipe(Spec):
             out.append("train.bf16 and train.fp16: choose one precision")
         if self.quant.bits and self.method != "lora":
             out.append(f"quant.bits: quantized bases train only with LoRA (QLoRA), not `finetune {self.method}`")
-        if self.task in ("reward", "dpo", "ppo", "grpo") and self.method == "pretrain":
-            out.append(f"method: the {self.task} task starts from a trained model; use --method lora or full")
+        if info is not None and self.method not in info.methods:
+            if info.verb:  # `finetune reward --method ...`
+                out.append(f"method: the {self.task} task starts from a trained model; use --method "
+                           f"{' or '.join(info.methods)}")
+            else:  # `finetune pretrain --task ...`
+                instead = f" ({info.pretrain_instead})" if info.pretrain_instead else ""
+                out.append(f"finetune {self.method}: the {self.task} task fine-tunes a checkpoint; use "
+                           f"{' or '.join(f'`finetune {m}`' for m in info.methods)} with --model{instead}")
         if self.task == "grpo":
-            grpo = self.grpo or GrpoSpec()
+            grpo = self.section(GrpoSpec)
             if not grpo.reward:
                 out.append("grpo.reward: required for `finetune grpo`; set it to a `finetune reward` run "
                            "(a reward-model directory) or to module:function")
@@ -338,9 +338,27 @@ class Recipe(Spec):
         out += self.scale_out_problems()
         return out
 
+    def section_problems(self) -> list[str]:
+        """A section that belongs to another task is a mistake (it would be ignored): name its task."""
+        out = []
+        for name in type(self).model_fields:
+            owner = section_owner(name)
+            if owner is not None and owner.name != self.task and getattr(self, name) is not None:
+                out.append(f"{name}: a section of the {owner.name} task; this recipe's task is {self.task} "
+                           f"(set task: {owner.name}, or drop the section)")
+        return out
+
+    def section(self, cls: type[S]) -> S:
+        """This recipe's section of type `cls` (recipe.dpo for DpoSpec), or its defaults when unset."""
+        for name, field in type(self).model_fields.items():
+            if cls in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                value = getattr(self, name)
+                return value if value is not None else cls()
+        raise TypeError(f"Recipe has no section of type {cls.__name__}")
+
     def scale_out_problems(self) -> list[str]:
         """Processes, machines, presets and quantisation that cannot work together."""
-        from finetune.launch import preset_kind, preset_problem
+        from finetune.presets import preset_kind, preset_problem
 
         t, out = self.train, []
         if t.distributed and (problem := preset_problem(t.distributed)):
@@ -521,135 +539,3 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
                 sets: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Recipe:
     data = read_recipe_file(find_recipe(name_or_path)) if name_or_path else {}
     return build_recipe(data, overrides, sets, ignore)
-
-
-# ---------------------------------------------------------------------------------------
-# Chained recipes: stages run in order, each stage's output feeding the next (`finetune chain`)
-
-PLACEHOLDER = re.compile(r"\{stages\.([^{}]*?)\.([^.{}]*)\}")
-
-
-def chain_dir(chain: Recipe) -> Path:
-    return Path(chain.train.output_dir) if chain.train.output_dir else Path("runs") / "chain"
-
-
-def stage_output(recipe: Recipe) -> Path:
-    """What `{stages.NAME.output}` names: the stage's trained model as a plain model directory
-    (a LoRA run is merged into its base there by the chain)."""
-    return recipe.output_dir / "merged" if recipe.method == "lora" else recipe.output_dir
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"train": x}} -> {"data.train": x}, so that a stage's `set` merges into sections."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not dotted.endswith("trainer_args"):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _substitute(value: Any, outputs: dict[str, dict[str, Path]], where: str, problems: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _substitute(v, outputs, where, problems) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, outputs, where, problems) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def replace(m: re.Match) -> str:
-        name, attr = m.group(1), m.group(2)
-        if name not in outputs:
-            earlier = f"; earlier stages: {', '.join(outputs)}" if outputs else "; it is the first stage"
-            problems.append(f"{where}: '{m.group(0)}' names no earlier stage{did_you_mean(name, outputs)}{earlier}")
-            return m.group(0)
-        if attr not in ("output", "run"):
-            problems.append(f"{where}: '{m.group(0)}': use {{stages.{name}.output}} (its trained model) or "
-                            f"{{stages.{name}.run}} (its run directory)")
-            return m.group(0)
-        return str(outputs[name][attr])
-
-    return PLACEHOLDER.sub(replace, value)
-
-
-def stage_recipes(chain: Recipe) -> list[tuple[StageSpec, Recipe]]:
-    """Each stage's validated recipe: the chain's fields, then the stage's `recipe` file on top, then its
-    `set`; `{stages.NAME.output|run}` replaced by earlier stages' directories. Every problem of every
-    stage is reported at once."""
-    shared = chain.model_dump(mode="json", exclude_unset=True, exclude={"stages"})
-    shared.get("train", {}).pop("output_dir", None)
-    root = chain_dir(chain)
-    outputs: dict[str, dict[str, Path]] = {}
-    resolved, problems = [], []
-    for i, stage in enumerate(chain.stages or []):
-        where = f"stages[{i}] ({stage.name})"
-        stage_problems: list[str] = []
-        data = shared
-        if stage.recipe:
-            try:
-                own = read_recipe_file(find_recipe(stage.recipe))
-            except UserError as e:
-                problems += [f"{where}.recipe: {p}" for p in e.problems]
-                continue
-            if "stages" in own:
-                stage_problems.append(f"{where}.recipe: '{stage.recipe}' is itself a chain; a stage runs one recipe")
-            data = deep_merge(shared, own)
-        data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
-        sets = flatten(stage.set)
-        fixed = "method" if stage.command in METHOD_COMMANDS else "task"
-        if fixed in sets:
-            stage_problems.append(f"{where}.set.{fixed}: the stage's command `{stage.command}` sets the {fixed}; "
-                                  "drop it")
-        if "stages" in sets or any(k.startswith("stages.") for k in sets):
-            stage_problems.append(f"{where}.set.stages: a stage runs one recipe and cannot hold stages")
-        data[fixed] = stage.command
-        set_dotted(data, "train.output_dir", str(root / stage.name))
-        data.pop("stages", None)
-        try:
-            for key, value in sets.items():
-                set_dotted(data, key, value)
-        except UserError as e:
-            stage_problems += [f"{where}.set: {p}" for p in e.problems]
-        data = _substitute(data, outputs, where, stage_problems)
-        if not stage_problems:
-            try:
-                recipe = build_recipe(data)
-            except UserError as e:
-                stage_problems += [f"{where}: {p}" for p in e.problems]
-            else:
-                if recipe.train.num_processes > 1:
-                    stage_problems.append(f"{where}: train.num_processes > 1 is not supported inside a chain; run "
-                                          f"that stage on its own: finetune {stage.command} ... --num-processes N")
-                resolved.append((stage, recipe))
-                outputs[stage.name] = {"output": stage_output(recipe), "run": recipe.output_dir}
-        if stage_problems:  # still resolvable by later stages, so that one mistake is reported once
-            outputs[stage.name] = {"output": root / stage.name, "run": root / stage.name}
-        problems += stage_problems
-    if problems:
-        raise UserError(problems)
-    return resolved
-
-
-def chain_problems(chain: Recipe) -> list[str]:
-    stages = chain.stages or []
-    if not stages:
-        return ["stages: empty; list the stages to run (or drop `stages` to run a single recipe)"]
-    names = [s.name for s in stages]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        return [f"stages: the name '{n}' is used twice; each stage needs its own name (its run directory)"
-                for n in dupes]
-    try:
-        stage_recipes(chain)
-    except UserError as e:
-        return e.problems
-    return []

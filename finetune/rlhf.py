@@ -202,10 +202,12 @@ def transplant(causal_lm, auto_cls, **kwargs):
 
 
 def frozen_copy(model):
-    """A frozen copy of the policy as it is now, in memory (the reference for full fine-tuning).
+    """A frozen copy of the policy as it is now, in memory (the reference of DPO and PPO in full
+    fine-tuning).
 
     trl reloads the reference from `config._name_or_path` when given none: wrong when the policy was
-    changed in memory (a merged LoRA run, an added pad token), a crash when it was never saved."""
+    changed in memory (a merged LoRA run, an added pad token), a crash when it was never saved. (trl's
+    `create_reference_model` does the same as this, but moved to trl.experimental, which warns on import.)"""
     import copy
 
     ref = copy.deepcopy(model)
@@ -270,18 +272,6 @@ def check_preference_recipe(recipe: Recipe, task: str) -> tuple[list[str], list[
 
 # ---------------------------------------------------------------------------------------
 # Reporting
-
-
-def curve(run_dir: Path, key: str) -> tuple[float | None, float | None]:
-    """First and last training values of `key` in the run's log.jsonl (the "start -> end" of a curve)."""
-    import json
-
-    path = run_dir / "log.jsonl"
-    if not path.exists():
-        return None, None
-    values = [json.loads(ln).get(key) for ln in path.read_text().splitlines() if ln.strip()]
-    values = [v for v in values if isinstance(v, (int, float))]
-    return (round(values[0], 6), round(values[-1], 6)) if values else (None, None)
 
 
 def print_curve(name: str, start: float | None, end: float | None) -> None:

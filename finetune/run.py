@@ -13,42 +13,21 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from finetune import checkpoints, guards, rundir
 from finetune.errors import Stopped, UserError
+from finetune.hub import use_offline_defaults as env_defaults
 from finetune.recipe import Recipe
+from finetune.tasks import load_task, task_info
 from finetune.training import is_main_process, launched_child, world_size
 
-TASK_VERBS = ("reward", "dpo", "grpo", "ppo")  # tasks with a verb of their own; the rest use the method's
-
-
-def env_defaults() -> None:
-    """Offline-safe defaults before any Hugging Face import."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from finetune.models import hub_reachable
-
-    if not hub_reachable():
-        # Without these, a Hub id retries for ~46 s and evaluate fetches metric scripts.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
-
-
-def task_module(task: str):
-    from finetune.recipe import TASKS
-
-    return importlib.import_module(TASKS[task])
-
-
 def command_verb(recipe: Recipe) -> str:
-    return recipe.task if recipe.task in TASK_VERBS else recipe.method
+    """The verb that runs this recipe: a task's own (reward, dpo, ...) or the method's (lora, full, pretrain)."""
+    return recipe.task if task_info(recipe.task).verb else recipe.method
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,13 +75,15 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
         rundir.check(recipe.output_dir, overwrite, resume, checkpoints.latest(recipe.output_dir) is not None)
     check_precision(recipe)
     check_distributed(recipe)
-    from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
-
-    if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:
-        check_quantizable(recipe)
     if recipe.model.name:
         models.check_model_files(recipe.model.name, "model.name")
     data.check_sources(recipe.data)
+    from finetune.quantization import check_quantizable, skeleton
+
+    model = None  # the model on the meta device, built once for both checks below
+    if recipe.quant.bits and task_info(recipe.task).quantizable:  # the others refuse quant.bits with their reason
+        model = skeleton(recipe.model, recipe.task)
+        check_quantizable(recipe, model)
     if recipe.train.distributed == "ddp" and recipe.train.num_processes == 1 and recipe.train.num_machines == 1:
         print("note: --distributed ddp with one process runs without a launcher; pass --num-processes N", flush=True)
     import torch
@@ -110,7 +91,7 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     if torch.cuda.is_available() and recipe.model.name:
         from finetune.memory import estimate, fit_problems
 
-        for p in fit_problems(recipe, estimate(recipe)):
+        for p in fit_problems(recipe, estimate(recipe, model)):
             print(f"warning: {p}", flush=True)
 
 
@@ -162,7 +143,7 @@ def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
           callbacks: list | None = None) -> dict[str, Any] | None:
     from finetune.memory import run_with_auto_batch
 
-    task = task_module(recipe.task)
+    task = load_task(recipe.task)
     try:
         with guards.installed():
             metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume, callbacks=callbacks))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from finetune.errors import UserError, did_you_mean
 from finetune.metrics import perplexity
 from finetune.recipe import Recipe
+from finetune.runlog import append_log, last_logged, read_log, trim_log, whole_run
 
 
 # ---------------------------------------------------------------------------------------
@@ -45,6 +46,12 @@ def launched_child() -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Run directory (claimed by run.py before a task starts; see rundir.py and checkpoints.py)
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int | None:
+    """The step in a checkpoint's name (checkpoint-500 -> 500); None for None or another name."""
+    step = Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(step) if step.isdigit() else None
 
 
 def start_run(recipe: Recipe) -> Path:
@@ -180,8 +187,6 @@ def log_callback(run_dir: Path, resume_step: int = 0):
     time so far, across resumes, so that metrics.json can cover the whole run."""
     from transformers import TrainerCallback
 
-    path = run_dir / "log.jsonl"
-
     class JsonlLog(TrainerCallback):
         def __init__(self):
             self.last_time = None
@@ -193,10 +198,8 @@ def log_callback(run_dir: Path, resume_step: int = 0):
             self.last_step = state.global_step
             if not state.is_world_process_zero:
                 return
-            lines = path.read_text().splitlines() if path.exists() else []
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-            self.offset = max((json.loads(ln).get("time_s") or 0.0 for ln in keep), default=0.0)
+            trim_log(run_dir, resume_step)
+            self.offset = max((r.get("time_s") or 0.0 for r in read_log(run_dir)), default=0.0)
             self.started = time.perf_counter()
             self.last_time, self.last_tokens = self.started, state.num_input_tokens_seen
 
@@ -219,33 +222,9 @@ def log_callback(run_dir: Path, resume_step: int = 0):
                     record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1)
                     self.last_time, self.last_tokens = now, tokens
             record["time_s"] = round(self.offset + now - self.started, 3)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(run_dir, record)
 
     return JsonlLog()
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def last_logged(run_dir: Path, key: str) -> float | None:
-    values = [r.get(key) for r in read_log(run_dir)]
-    values = [v for v in values if v is not None]
-    return values[-1] if values else None
-
-
-def whole_run(run_dir: Path) -> tuple[float | None, float | None]:
-    """(mean training loss, training seconds) of the whole run, across resumes, from log.jsonl."""
-    rows = read_log(run_dir)
-    weighted = [(r["loss"], r.get("loss_steps") or 1) for r in rows if r.get("loss") is not None]
-    steps = sum(n for _, n in weighted)
-    loss = sum(v * n for v, n in weighted) / steps if steps else None
-    seconds = max((r.get("time_s") or 0.0 for r in rows), default=None)
-    return loss, seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +262,7 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
 
     if torch.cuda.is_available():  # what `finetune plan` estimates
         metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    from finetune.launch import replica_fingerprints
+    from finetune.replicas import replica_fingerprints
 
     fingerprints = replica_fingerprints(model)  # a collective: every rank gets here
     if fingerprints:

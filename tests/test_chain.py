@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO, invoke
 from finetune.errors import UserError
-from finetune.recipe import Recipe, build_recipe, load_recipe
+from finetune.chain import build_chain, resolve_chain
+from finetune.recipe import Recipe, load_recipe
 from rlhf_helpers import write_preferences
 from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
@@ -89,7 +90,7 @@ def chain_recipe(stages: list[dict], **shared) -> dict:
 
 def problems_of(data: dict) -> list[str]:
     with pytest.raises(UserError) as e:
-        build_recipe(data)
+        build_chain(data)
     return e.value.problems
 
 
@@ -117,13 +118,11 @@ def test_stage_recipes_are_validated_like_any_recipe():
 
 
 def test_stage_outputs_are_plain_model_directories():
-    chain = build_recipe(chain_recipe(
+    chain = build_chain(chain_recipe(
         [{"name": "sft", "command": "lora"}, {"name": "rm", "command": "reward", "set": {"method": "full"}},
          {"name": "dpo", "command": "dpo", "set": {"model.name": "{stages.sft.output}", "data.eval": "{stages.rm.run}"}}],
         train={"output_dir": "runs/c"}))
-    from finetune.recipe import stage_recipes
-
-    recipes = dict((s.name, r) for s, r in stage_recipes(chain))
+    recipes = {s.name: s.recipe for s in chain.stages}
     assert recipes["dpo"].model.name == str(Path("runs/c/sft/merged"))  # a LoRA stage: merged into its base
     assert recipes["dpo"].data.eval == str(Path("runs/c/rm"))
     assert recipes["rm"].model.name == "base" and recipes["rm"].output_dir == Path("runs/c/rm")
@@ -151,6 +150,8 @@ def test_shipped_rlhf_recipes_validate(name):
     if "ppo" in name and "ppo" not in Recipe.model_fields:
         pytest.skip("the ppo section is added with the ppo task")
     recipe = load_recipe(str(Path(REPO) / "recipes" / name))
+    if recipe.stages:
+        resolve_chain(recipe)  # every stage's recipe is valid
     text = (Path(REPO) / "recipes" / name).read_text().splitlines()
     assert text[0].startswith("# ") and any(ln.lstrip("# ").startswith("finetune ") for ln in text[1:6])
     assert recipe.task in ("reward", "dpo", "grpo", "ppo") or recipe.stages

@@ -4,11 +4,15 @@ batch size that halves on out-of-memory."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import invoke
+from conftest import REPO, invoke
+
+sys.path.insert(0, str(Path(REPO) / "benchmarks"))
 
 # The estimate must land within this factor of the measured peak of live tensors (both directions).
 # Measured on the tiny models below: 0.79x to 1.11x (BENCHMARKS.md).
@@ -34,8 +38,9 @@ def recipe_for(model, data, out, method="lora", bits=None, steps=3, batch=8, len
     ("lora", 4, True, 16),
 ])
 def test_estimate_is_within_factor_of_measured_peak(method, bits, checkpointing, batch, tiny_gpt, toy_text, tmp_path):
-    from finetune.memory import estimate, peak_memory_callback
+    from finetune.memory import estimate
     from finetune.tasks import clm
+    from peak_memory import peak_memory_callback  # benchmarks/peak_memory.py (measuring is not the package's job)
 
     recipe = recipe_for(tiny_gpt, toy_text, tmp_path / "run", method, bits, batch=batch, checkpointing=checkpointing)
     predicted = estimate(recipe).peak

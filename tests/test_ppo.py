@@ -304,3 +304,31 @@ def test_validate_checks_prompts_and_reward(env, tmp_path):
     assert code == 2
     assert "error: data.train: 1 empty prompt(s) in column 'prompt' (rows 0)" in stderr
     assert "error: ppo.reward: cannot import module 'no_such_rewards'" in stderr
+
+
+def test_ppo_starts_from_a_lora_run_merged_into_its_base(tiny_gpt, tmp_path):
+    """model.name may be a LoRA run, as for dpo and grpo: its adapter is merged into the base, so the
+    policy (and the full run's reference, and the critic's body) start from the trained weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.recipe import build_recipe
+    from finetune.tasks.ppo import load_critic, policy_and_reference
+
+    run = tmp_path / "sft-lora"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gpt),
+                                LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    peft_model.save_pretrained(run)
+    AutoTokenizer.from_pretrained(tiny_gpt).save_pretrained(run)
+    merged = peft_model.merge_and_unload().transformer.h[0].attn.c_attn.weight
+    assert not torch.equal(merged, AutoModelForCausalLM.from_pretrained(tiny_gpt).transformer.h[0].attn.c_attn.weight)
+
+    recipe = build_recipe({"task": "ppo", "method": "full", "model": {"name": str(run)}, "data": {"train": "p.jsonl"},
+                           "ppo": {"reward": "toy_rewards:cat"}})
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    policy, reference = policy_and_reference(recipe, tokenizer, None)
+    assert torch.equal(policy.transformer.h[0].attn.c_attn.weight, merged)
+    assert torch.equal(reference.transformer.h[0].attn.c_attn.weight, merged)
+    critic = load_critic(recipe, recipe.ppo, tokenizer, None)
+    assert torch.equal(critic.transformer.h[0].attn.c_attn.weight, merged)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from finetune.errors import UserError
-from finetune.recipe import TASKS, build_recipe, builtin_recipes, load_recipe, parse_override
+from finetune.recipe import build_recipe, builtin_recipes, load_recipe, parse_override
+from finetune.tasks import REGISTRY as TASKS
 
 
 def problems_of(data, overrides=None, sets=None) -> list[str]:

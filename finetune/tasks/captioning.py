@@ -41,7 +41,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 
     set_seed(recipe.train.seed)
-    spec = recipe.captioning or CaptioningSpec()
+    spec = recipe.section(CaptioningSpec)
     if recipe.quant.bits:
         raise UserError("quant.bits: captioning trains without quantization (the new cross-attention cannot be "
                         "trained in 4/8 bits); drop quant.bits")
@@ -77,7 +77,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                                        generation_max_length=caption_tokens, generation_num_beams=spec.num_beams,
                                        remove_unused_columns=False, include_num_input_tokens_seen="no")
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=CaptionCollator(), processing_class=tokenizer,
                              compute_metrics=score_captions(tokenizer),
@@ -326,7 +326,7 @@ def load_trained(run_dir: Path, **kwargs):
         raise UserError(f"run: '{run_dir}' holds a LoRA adapter but no recipe.yaml to rebuild its base from")
     from peft import PeftModel
 
-    spec = recipe.captioning or CaptioningSpec()
+    spec = recipe.section(CaptioningSpec)
     base = build_model(recipe, spec, AutoTokenizer.from_pretrained(str(run_dir)))
     with quiet_conv1d():
         return PeftModel.from_pretrained(base, str(run_dir), **kwargs)
@@ -346,7 +346,7 @@ def caption(run_dir: Path, inputs: list[str] | None, data: str | None, num_beams
     recipe = run_recipe(run_dir)
     if recipe is not None and recipe.task != "captioning":
         raise UserError(f"run: '{run_dir}' is a {recipe.task} run; `finetune caption` needs a captioning run")
-    spec = (recipe.captioning if recipe else None) or CaptioningSpec()
+    spec = recipe.section(CaptioningSpec) if recipe else CaptioningSpec()
     text_column = recipe.data.text_column if recipe else "text"
     items, rows, base = images.prediction_inputs(inputs, data, spec.image_column)
     model = load_trained(run_dir).eval()
@@ -373,7 +373,7 @@ def caption(run_dir: Path, inputs: list[str] | None, data: str | None, num_beams
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data and model checks for `finetune validate`: (problems, notes)."""
-    spec = recipe.captioning or CaptioningSpec()
+    spec = recipe.section(CaptioningSpec)
     notes: list[str] = []
     try:
         train, eval_ds = load_data(recipe, spec)

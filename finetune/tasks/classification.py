@@ -40,7 +40,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from finetune.metrics import load_extra_metrics
 
     raise_if_unsupported(recipe)
-    spec = recipe.classification or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec)
     set_seed(recipe.train.seed)
     column = recipe.data.text_column
 
@@ -97,7 +97,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=metrics_function(names, extra, report),
@@ -125,10 +125,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
 
 def raise_if_unsupported(recipe: Recipe) -> None:
-    problems = []
-    if recipe.method == "pretrain":
-        problems.append("finetune pretrain: the classification task fine-tunes a checkpoint; use `finetune lora` "
-                        "or `finetune full` with --model (pre-train an encoder with `finetune pretrain --task mlm`)")
+    problems = []  # (`finetune pretrain` is refused by the recipe: the task registry lists its methods)
     if recipe.quant.bits:
         problems.append("quant.bits: the classification task trains unquantized models; drop quant.bits")
     raise_if(problems)
@@ -186,7 +183,7 @@ def label_id(value, lookup: dict[str, int], by_index: bool) -> int | None:
 
 def label_problems(train, eval_ds, names: list[str], by_index: bool, recipe: Recipe) -> list[str]:
     """Train labels outside classification.labels, eval labels never seen in training."""
-    spec = recipe.classification or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec)
     column, lookup = spec.label_column, {n: i for i, n in enumerate(names)}
     eval_key = "data.eval" if recipe.data.eval or recipe.data.eval_split else "the eval split held out of data.train"
     problems: list[str] = []
@@ -349,7 +346,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
     recipe = run_recipe(run_dir)
-    spec = (recipe.classification if recipe else None) or ClassificationSpec()
+    spec = recipe.section(ClassificationSpec) if recipe else ClassificationSpec()
     column = recipe.data.text_column if recipe else "text"
     pair = spec.text_pair_column
     if data:
@@ -405,7 +402,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes), with the label distribution."""
     problems, notes = [], []
-    spec, d = recipe.classification or ClassificationSpec(), recipe.data
+    spec, d = recipe.section(ClassificationSpec), recipe.data
     column = d.text_column
     try:
         raise_if_unsupported(recipe)

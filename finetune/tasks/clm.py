@@ -68,7 +68,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])

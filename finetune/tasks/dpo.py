@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, training
+from finetune import models, rlhf, runlog, training
 from finetune.adapters import is_adapter_dir, lora_config
 from finetune.errors import UserError
 from finetune.recipe import DpoSpec, Recipe
@@ -33,7 +33,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import DPOConfig, DPOTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.dpo or DpoSpec()
+    spec = recipe.section(DpoSpec)
 
     # 1. Data: prompt/chosen/rejected, checked (missing columns, empty rows, mixed formats).
     train_raw, eval_raw, fmt = rlhf.load_preferences(recipe)
@@ -73,7 +73,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         loss_weights=list(losses.values()), label_smoothing=spec.label_smoothing,
         learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method])
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     try:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_raw,
                              eval_dataset=eval_raw, processing_class=tokenizer, peft_config=peft_config,
@@ -94,7 +94,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     if eval_metrics:
         metrics["eval_accuracy"] = round(eval_metrics["eval_rewards/accuracies"], 6)
         metrics["eval_margin"] = round(eval_metrics["eval_rewards/margins"], 6)
-    metrics["margin_start"], metrics["margin_end"] = rlhf.curve(run_dir, "rewards/margins")
+    metrics["margin_start"], metrics["margin_end"] = runlog.curve(run_dir, "rewards/margins")
     rlhf.print_curve("training reward margin (chosen - rejected)", metrics["margin_start"], metrics["margin_end"])
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, training
+from finetune import models, rlhf, runlog, training
 from finetune.adapters import apply_lora
 from finetune.recipe import GrpoSpec, Recipe
 from finetune.rewards import load_reward
@@ -33,7 +33,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import GRPOConfig, GRPOTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.grpo or GrpoSpec()
+    spec = recipe.section(GrpoSpec)
 
     # 1. Data: prompts (other columns are passed to reward functions that take **kwargs).
     train_raw, eval_raw, fmt = rlhf.load_prompts(recipe)
@@ -78,7 +78,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         # (and the KL to the reference) noisy; trl's GRPO default keeps it
         include_num_input_tokens_seen="no")  # batches hold prompt/completion ids, not input_ids
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=train_raw,
                           eval_dataset=eval_raw, processing_class=tokenizer,
                           callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
@@ -93,7 +93,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, trainer.model)
     metrics.pop("perplexity", None)
-    metrics["reward_start"], metrics["reward_end"] = rlhf.curve(run_dir, "reward")
+    metrics["reward_start"], metrics["reward_end"] = runlog.curve(run_dir, "reward")
     rlhf.print_curve("mean reward of the sampled completions", metrics["reward_start"], metrics["reward_end"])
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
@@ -134,7 +134,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     from finetune.errors import UserError
     from finetune.rewards import check_reward_dir
 
-    spec = recipe.grpo or GrpoSpec()
+    spec = recipe.section(GrpoSpec)
     problems, notes = [], []
     source = Path(spec.reward or "").expanduser()
     try:

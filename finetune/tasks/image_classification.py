@@ -34,7 +34,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from transformers import AutoModelForImageClassification, Trainer, set_seed
 
     set_seed(recipe.train.seed)
-    spec = recipe.image_classification or ImageClassificationSpec()
+    spec = recipe.section(ImageClassificationSpec)
     reject_quantization(recipe)
 
     # 1. Data: image files checked (undecoded), labels turned into ids of the training set's classes.
@@ -66,7 +66,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     args = training.training_arguments(recipe, run_dir, remove_unused_columns=False,
                                        include_num_input_tokens_seen="no")
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=processor, compute_metrics=accuracy,
                       callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
@@ -246,7 +246,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
     recipe = run_recipe(run_dir)
-    spec = (recipe.image_classification if recipe else None) or ImageClassificationSpec()
+    spec = recipe.section(ImageClassificationSpec) if recipe else ImageClassificationSpec()
     items, rows, base = images.prediction_inputs(inputs, data, spec.image_column)
     model = load_trained(run_dir).eval()
     processor = images.load_image_processor(recipe.model if recipe else models.ModelSpec(), str(run_dir))
@@ -269,7 +269,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes)."""
-    spec = recipe.image_classification or ImageClassificationSpec()
+    spec = recipe.section(ImageClassificationSpec)
     notes = []
     try:
         reject_quantization(recipe)

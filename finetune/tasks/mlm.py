@@ -40,7 +40,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from transformers import AutoModelForMaskedLM, Trainer, set_seed
 
     raise_if_unsupported(recipe)
-    spec = recipe.mlm or MlmSpec()
+    spec = recipe.section(MlmSpec)
     set_seed(recipe.train.seed)
     column = recipe.data.text_column
 
@@ -75,7 +75,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 6. Train, evaluate, save. The collator selects and masks the tokens anew in every batch.
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=masking_collator(tokenizer, spec, recipe.train.seed), processing_class=tokenizer,
                       compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_tokens,
@@ -265,7 +265,7 @@ def fill_mask(source: str, text: str, top_k: int | None = None) -> list[list[tup
         tok_source = str(path)
     else:
         tok_source = models.check_source(source, "model")
-    top_k = top_k or (recipe.mlm if recipe and recipe.mlm else MlmSpec()).top_k
+    top_k = top_k or (recipe.section(MlmSpec) if recipe else MlmSpec()).top_k
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     mask = tokenizer.mask_token
     if mask is None:
@@ -330,7 +330,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         max_length = models.max_length(recipe.data.max_length, config, default_cap=512)
     except UserError as e:
         return problems + e.problems, notes
-    spec = recipe.mlm or MlmSpec()
+    spec = recipe.section(MlmSpec)
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     stats = D.length_stats(lengths)
     notes.append(f"tokens per text{sampled}: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")

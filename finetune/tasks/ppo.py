@@ -24,7 +24,8 @@ import math
 from pathlib import Path
 
 from finetune import data as D
-from finetune import models, training
+from finetune import models, rlhf, training
+from finetune.runlog import read_log
 from finetune.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, raise_if
 from finetune.recipe import PpoSpec, Recipe
@@ -42,7 +43,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from finetune.ppo_trainer import Critic, PpoTrainer
     from finetune.rewards import load_reward
 
-    spec = recipe.ppo or PpoSpec()
+    spec = recipe.section(PpoSpec)
     raise_if(problems(recipe))
     t = recipe.train
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum,
@@ -53,7 +54,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     train_raw, eval_raw = D.load_splits(recipe.data, t.seed)
     tokenizer = models.load_tokenizer(recipe.model)
     models.ensure_pad_token(tokenizer)
-    context = models.max_length(recipe.data.max_length, models.load_config(recipe.model))
+    context = models.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
     train_ids = tokenize_prompts(train_raw, tokenizer, spec, context, "data.train", recipe.data.train)
     eval_ids = None
     if eval_raw is not None:
@@ -65,7 +66,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 3. Policy, reference and critic; on resume the trained ones come from the checkpoint.
     checkpoint = Path(training.resume_checkpoint(recipe.output_dir)) if resume else None
-    policy, reference = load_policy(recipe, tokenizer, checkpoint)
+    policy, reference = policy_and_reference(recipe, tokenizer, checkpoint)
     critic = Critic(load_critic(recipe, spec, tokenizer, checkpoint))
     if t.gradient_checkpointing:  # trade compute for memory in the policy and critic updates
         for model in (policy, critic.model):
@@ -77,11 +78,12 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     iterations = t.max_steps if t.max_steps > 0 else \
         max(1, math.ceil(t.epochs * len(train_ids) / (spec.rollout_batch_size * world)))
     learning_rate = t.learning_rate or PPO_LEARNING_RATE[recipe.method]
-    trainer = PpoTrainer(policy, critic, reference, tokenizer, reward_fn, spec, t, learning_rate, accelerator,
-                         iterations)
+    trainer = PpoTrainer(policy=policy, critic=critic, reference=reference, tokenizer=tokenizer, reward_fn=reward_fn,
+                         spec=spec, train=t, learning_rate=learning_rate, accelerator=accelerator, iterations=iterations)
     set_seed(t.seed, device_specific=True)  # each process samples differently
     start = trainer.load_state(checkpoint) if checkpoint else 0  # restores each process's RNG too
-    trainer.train(train_ids, list(train_raw[spec.prompt_column]), iterations, start, run_dir, t.seed, callbacks)
+    trainer.train(prompt_ids=train_ids, prompt_texts=list(train_raw[spec.prompt_column]), start=start, run_dir=run_dir,
+                  seed=t.seed, callbacks=callbacks)
     runtime = trainer_runtime(run_dir)
 
     # 5. Evaluate on held-out prompts, save the policy, write the card.
@@ -108,7 +110,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
 def problems(recipe: Recipe) -> list[str]:
     """Contradictions in a PPO recipe, phrased as the keys the user wrote."""
-    spec, t = recipe.ppo or PpoSpec(), recipe.train
+    spec, t = recipe.section(PpoSpec), recipe.train
     out = []
     if recipe.method == "pretrain":
         out.append("method: `finetune ppo` trains an existing policy; use --method lora (the default) or full")
@@ -161,14 +163,13 @@ def rows(indices: list[int]) -> str:
 # Models
 
 
-def load_policy(recipe: Recipe, tokenizer, checkpoint: Path | None):
-    """(policy, reference). The reference is a frozen copy of the starting policy for full training,
-    None under LoRA (the trainer disables the adapter instead)."""
+def policy_and_reference(recipe: Recipe, tokenizer, checkpoint: Path | None):
+    """(policy, reference). The policy starts from model.name (a LoRA run merged into its base, as DPO
+    and GRPO do). The reference is a frozen copy of the starting policy for full training, None under
+    LoRA (the trainer disables the adapter instead)."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.ppo_trainer import frozen_copy
-
-    base = models.load_model(recipe.model, AutoModelForCausalLM)
+    base, _ = rlhf.load_policy(recipe)
     models.ensure_pad_token(tokenizer, base)
     if recipe.method == "lora":
         if checkpoint:
@@ -176,7 +177,7 @@ def load_policy(recipe: Recipe, tokenizer, checkpoint: Path | None):
 
             return PeftModel.from_pretrained(base, str(checkpoint / "policy"), is_trainable=True), None
         return apply_lora(base, recipe.lora, "CAUSAL_LM"), None
-    reference = frozen_copy(base)
+    reference = rlhf.frozen_copy(base)
     if checkpoint:
         base = AutoModelForCausalLM.from_pretrained(str(checkpoint / "policy"))
     return base, reference
@@ -199,8 +200,8 @@ def load_critic(recipe: Recipe, spec: PpoSpec, tokenizer, checkpoint: Path | Non
         if not same_vocabulary(critic_tokenizer, tokenizer):
             raise UserError(f"ppo.critic: '{spec.critic}' has another vocabulary than the policy; the critic reads "
                             "the policy's token ids, so it needs the same tokenizer (or leave ppo.critic unset)")
-    else:
-        model = models.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=1)
+    else:  # the policy's weights (a LoRA run merged) under a new one-output head
+        model, _ = rlhf.load_policy(recipe, AutoModelForSequenceClassification, num_labels=1)
     if not hasattr(model, "score"):
         raise UserError(f"ppo.critic: {type(model).__name__} has no `score` head to read values from; use a "
                         "decoder model (GPT-2, Llama, Qwen, ...)")
@@ -228,13 +229,6 @@ def same_vocabulary(a, b) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Metrics, card, reload
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    import json
-
-    path = run_dir / "log.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def trainer_runtime(run_dir: Path) -> float:
@@ -298,12 +292,12 @@ def load_trained(run_dir: Path, **kwargs):
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Checks for `finetune validate`: the recipe, the prompts, the reward source. (problems, notes)"""
-    spec = recipe.ppo or PpoSpec()
+    spec = recipe.section(PpoSpec)
     problems_, notes = problems(recipe), []
     try:
         train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
         tokenizer = models.load_tokenizer(recipe.model)
-        context = models.max_length(recipe.data.max_length, models.load_config(recipe.model))
+        context = models.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
     except UserError as e:
         return problems_ + e.problems, notes
     for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, training
+from finetune import models, rlhf, runlog, training
 from finetune.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
 from finetune.recipe import Recipe, RewardSpec
@@ -28,7 +28,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from trl import RewardConfig, RewardTrainer
 
     set_seed(recipe.train.seed)
-    spec = recipe.reward or RewardSpec()
+    spec = recipe.section(RewardSpec)
 
     # 1. Data: prompt/chosen/rejected, checked (missing columns, empty rows, mixed formats).
     train_raw, eval_raw, fmt = rlhf.load_preferences(recipe)
@@ -63,7 +63,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     args = training.training_arguments(recipe, run_dir, args_cls=RewardConfig, max_length=max_length,
                                        center_rewards_coefficient=spec.center_rewards)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_raw, eval_dataset=eval_raw,
                             processing_class=tokenizer,
                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
@@ -78,7 +78,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     metrics.pop("perplexity", None)  # eval_loss is the pairwise loss, not a language-model loss
     if eval_raw is not None:
         metrics.update(pairwise_metrics(trainer.model, tokenizer, eval_raw))
-    metrics["margin_start"], metrics["margin_end"] = rlhf.curve(run_dir, "margin")
+    metrics["margin_start"], metrics["margin_end"] = runlog.curve(run_dir, "margin")
     rlhf.print_curve("training margin (chosen - rejected score)", metrics["margin_start"], metrics["margin_end"])
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics

@@ -38,7 +38,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
-    spec = recipe.translation or TranslationSpec()
+    spec = recipe.section(TranslationSpec)
 
     # 1. Data: (source, target) pairs from plain columns or a `translation` column; empty pairs skipped.
     train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
@@ -71,7 +71,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                                        generation_max_length=spec.max_target_length,
                                        generation_num_beams=spec.num_beams)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resume_step = training.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer,
                              compute_metrics=score_generations(tokenizer),
@@ -180,7 +180,7 @@ def score_generations(tokenizer):
 
 
 def usage(run_dir: Path, recipe: Recipe) -> str:
-    prefix = source_prefix(recipe.translation or TranslationSpec())
+    prefix = source_prefix(recipe.section(TranslationSpec))
     cls = "AutoPeftModelForSeq2SeqLM" if recipe.method == "lora" else "AutoModelForSeq2SeqLM"
     module = "peft" if recipe.method == "lora" else "transformers"
     return ("```python\n"
@@ -214,7 +214,7 @@ def load_trained(run_dir: Path, **kwargs):
     if recipe is not None:
         from transformers import AutoTokenizer
 
-        set_generation(model, AutoTokenizer.from_pretrained(str(run_dir)), recipe.translation or TranslationSpec())
+        set_generation(model, AutoTokenizer.from_pretrained(str(run_dir)), recipe.section(TranslationSpec))
     return model
 
 
@@ -233,7 +233,7 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
     recipe = run_recipe(run_dir)
     if recipe is not None and recipe.task != "translation":
         raise UserError(f"run: '{run_dir}' is a {recipe.task} run; `finetune translate` needs a translation run")
-    spec = (recipe.translation if recipe else None) or TranslationSpec()
+    spec = recipe.section(TranslationSpec) if recipe else TranslationSpec()
     if bool(texts) == bool(data):
         raise UserError("give texts to translate or --data FILE (one of the two)")
     references = None
@@ -272,7 +272,7 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Data checks for `finetune validate`: (problems, notes)."""
-    spec = recipe.translation or TranslationSpec()
+    spec = recipe.section(TranslationSpec)
     notes: list[str] = []
     try:
         train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
