@@ -181,6 +181,9 @@ def start_checks(recipe) -> None:
 
     check_precision(recipe)
     check_distributed(recipe)
+    from finetune.adapters import check_lora
+
+    check_lora(recipe)
     from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
 
     if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:

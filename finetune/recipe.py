@@ -77,6 +77,13 @@ class LoraSpec(Spec):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] | None = None  # null: finetune's choice per architecture
     modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter
+    use_dora: bool = False  # DoRA: also learns each output's magnitude; closer to full fine-tuning, slower steps
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r): high ranks keep learning
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"  # pissa/olora start from the base's
+    # principal directions (faster convergence); loftq fits a 4-bit base's quantisation error (CUDA)
+    layers_to_transform: list[int] | None = Field(None, min_length=1)  # adapt only these layers (0-based); null: all
+    trainable_tokens: list[str | int] | None = Field(None, min_length=1)  # embedding rows trained in full, by
+    # token or id: new special tokens (chat markers) start untrained otherwise
 
 
 class QuantSpec(Spec):
