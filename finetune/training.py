@@ -242,7 +242,7 @@ def last_logged(run_dir: Path, key: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics, model card, summary
+# Metrics, summary (the model card: finetune/card.py)
 
 
 def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, model) -> dict[str, Any]:
@@ -284,36 +284,6 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
     return metrics
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], usage: str) -> str:
-    base = recipe.model.name or f"a new model from config '{recipe.model.config or 'tiny'}'"
-    what = {"lora": "a LoRA adapter (peft)", "full": "a full fine-tune", "pretrain": "a model pre-trained from scratch"}
-    rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items() if v is not None)
-    return f"""---
-library_name: {'peft' if recipe.method == 'lora' else 'transformers'}
-base_model: {recipe.model.name or 'none'}
-tags: [finetune, {recipe.task}, {recipe.method}]
----
-# {recipe.output_dir.name}
-
-{what[recipe.method].capitalize()} for the `{recipe.task}` task, made with [finetune](https://pypi.org/project/finetune/).
-
-- **Base**: {base}
-- **Training data**: {recipe.data.train}
-- **Evaluation data**: {recipe.data.eval or f'{recipe.data.eval_fraction:.0%} held out of the training data'}
-- **Recipe**: `recipe.yaml` in this directory; run it again with `finetune {recipe.method} recipe.yaml`
-
-## Metrics
-
-| metric | value |
-| --- | --- |
-{rows}
-
-## Use
-
-{usage}
-"""
-
-
 def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: str, next_steps: list[str]) -> None:
     """Write metrics.json and the model card, then print where everything is and what to run next."""
     if not is_main_process():
@@ -322,7 +292,9 @@ def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: st
     # token in plain text if one was passed.
     (run_dir / "training_args.bin").unlink(missing_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (run_dir / "README.md").write_text(model_card(recipe, metrics, usage))
+    from finetune.card import write_card
+
+    write_card(recipe, run_dir, metrics, usage)
     print_summary(recipe, run_dir, metrics, next_steps)
 
 
