@@ -4,7 +4,7 @@ peft's LoRA variants (DoRA, rsLoRA, PiSSA/OLoRA/LoftQ initialisation, chosen lay
 peft knows default target modules for many decoders; for the rest (ViT, VisionEncoderDecoder,
 custom models) `DEFAULT_TARGETS` names them, and `all-linear` is the last resort.
 
-Every variant is checked against the model and the method before weights load (`check_lora`, from the
+Every variant is checked against the model and the method before weights load (`lora_problems`, from the
 model's config) and again against the loaded model (`apply_lora`), so peft's own errors, raised deep
 inside get_peft_model, never reach the user.
 """
@@ -99,25 +99,26 @@ def variant_problems(spec: LoraSpec, method: str, bits: int | None, model_type: 
     return out
 
 
-def check_lora(recipe: Recipe) -> None:
+def lora_problems(recipe: Recipe) -> list[str]:
     """Pre-flight: the LoRA variants against the model's config (no weights), the method and the device."""
     spec = recipe.lora
     if all(getattr(spec, k) == d for k, d in VARIANT_DEFAULTS.items()):
-        return
+        return []
     model_type, num_layers, vocab_size = "", None, None
     if recipe.method == "lora" and recipe.model.name:
         from finetune.models import load_config
 
-        config = load_config(recipe.model)
+        try:
+            config = load_config(recipe.model)
+        except UserError as e:
+            return e.problems
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         model_type = getattr(config, "model_type", "")
         num_layers, vocab_size = getattr(text, "num_hidden_layers", None), getattr(text, "vocab_size", None)
     import torch
 
-    problems = variant_problems(spec, recipe.method, recipe.quant.bits, model_type, num_layers, vocab_size,
-                                torch.cuda.is_available())
-    if problems:
-        raise UserError(problems)
+    return variant_problems(spec, recipe.method, recipe.quant.bits, model_type, num_layers, vocab_size,
+                            torch.cuda.is_available())
 
 
 def token_indices(spec: LoraSpec, tokenizer) -> list[int] | None:

@@ -43,6 +43,10 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         import logging
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # three bars per split otherwise
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bar
+        if "transformers" in sys.modules:  # already imported (the CLI called in-process): too late for the env
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -170,7 +174,9 @@ def run_training(method: str, recipe_name, overrides, sets, overwrite, resume) -
     env_defaults()
     from finetune.memory import run_with_auto_batch
 
-    run_with_auto_batch(recipe, lambda r: task_module(r.task).run(r, resume=resume))
+    from finetune.callbacks import run_callbacks
+
+    run_with_auto_batch(recipe, lambda r: task_module(r.task).run(r, resume=resume, callbacks=run_callbacks(r)))
 
 
 def start_checks(recipe) -> None:
@@ -181,9 +187,9 @@ def start_checks(recipe) -> None:
 
     check_precision(recipe)
     check_distributed(recipe)
-    from finetune.adapters import check_lora
+    from finetune.extras import check_extras
 
-    check_lora(recipe)
+    check_extras(recipe)  # LoRA variants, trackers, kernels, early stopping, push_to_hub
     from finetune.quantization import UNQUANTIZED_TASKS, check_quantizable
 
     if recipe.quant.bits and recipe.task not in UNQUANTIZED_TASKS:

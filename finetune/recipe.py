@@ -40,6 +40,7 @@ TASKS: dict[str, str] = {
 }
 
 Method = Literal["lora", "full", "pretrain"]
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 
 class Spec(BaseModel):
@@ -54,6 +55,8 @@ class ModelSpec(Spec):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights as loaded
     revision: str | None = None  # Hub branch, tag or commit
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+    attn_implementation: str | None = None  # eager, sdpa, flash_attention_2/3, flex_attention or a Hub kernel
+    # (org/repo, `kernels` package); unset: transformers' choice (sdpa where it can)
 
 
 class DataSpec(Spec):
@@ -123,7 +126,36 @@ class TrainSpec(Spec):
     machine_rank: int = Field(0, ge=0)  # multi-node: this machine, 0 .. num_machines-1 (machine 0 writes the run)
     main_process_ip: str | None = None  # multi-node: address of machine 0, reachable from every machine
     main_process_port: int | None = Field(None, gt=0, lt=65536)  # unset: 29500 multi-node, a free port otherwise
+    report_to: str | list[str] = "none"  # none, tensorboard, wandb, mlflow, trackio or a list; they log into the run directory where they can
+    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evaluations without improvement
+    # (needs train.eval_steps); implies keep_best
+    keep_best: bool = False  # save the weights of the best evaluation, not the last (needs train.eval_steps)
+    metric_for_best: str | None = None  # eval metric that decides "best"; unset: the task's (loss, accuracy, bleu...)
+    liger_kernel: bool = False  # Liger's Triton kernels (CUDA, `pip install liger-kernel`): less memory, faster
+    torch_compile: bool = False  # compile the model with torch.compile: faster steps after a slow first one
+    neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: noise on input embeddings (5 in the paper)
+    push_to_hub: str | None = None  # Hub repo id (user/name) the finished
+    # run is uploaded to (`finetune push`); needs a token in HF_TOKEN or `hf auth login`
     trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        names = [v] if isinstance(v, str) else list(v)
+        for name in names:
+            if name not in TRACKERS:
+                raise PydanticCustomError("tracker", f"unknown tracker '{name}'{did_you_mean(name, TRACKERS)}; "
+                                          f"choose from {', '.join(TRACKERS)}")
+        if "none" in names and len(names) > 1:
+            raise PydanticCustomError("tracker", "'none' cannot be listed with trackers")
+        return v
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, v):
+        if v is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise PydanticCustomError("repo_id", f"'{v}' is not a Hub repo id; write it as user/name or org/name")
+        return v
 
 
 # --- task sections: encoder, encoder-decoder and vision tasks ---

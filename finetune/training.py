@@ -167,7 +167,6 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
         bf16=t.bf16,
         fp16=t.fp16,
         gradient_checkpointing=t.gradient_checkpointing,
-        report_to="none",
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -175,6 +174,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
     )
     if recipe.method == "lora":
         kwargs["ddp_find_unused_parameters"] = False
+    from finetune.extras import trainer_fields
+
+    kwargs.update(trainer_fields(recipe, run_dir))  # trackers, kernels, best checkpoint
     kwargs.update(task_defaults)
     fields = {f.name for f in dataclasses.fields(args_cls)}
     if "activation_checkpointing" in fields:  # the transformers >= 5.2x name
