@@ -334,6 +334,9 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         env_defaults()
         mod = task_module(r.task)
         problems, notes = mod.check(r) if hasattr(mod, "check") else ([], [])
+        from finetune.extras import extras_problems
+
+        problems = [*problems, *extras_problems(r)]  # LoRA variants, trackers, kernels, best checkpoint, push
         for n in notes:
             typer.echo(f"  {n}")
         if problems:
