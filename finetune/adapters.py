@@ -20,6 +20,10 @@ from finetune.recipe import LoraSpec, Recipe
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
 # Initialisations that rewrite the base weights (base = residual after taking out the adapter's part).
 REWRITES_BASE = ("pissa", "olora")
+# Initialisations that need a step after get_peft_model (LoftQ's weights, PiSSA/OLoRA's conversion when
+# saving), done by tasks that call apply_lora and save_adapter. dpo builds its adapter inside trl.
+INIT_TASKS = {"pissa": ("clm",), "olora": ("clm",),
+              "loftq": ("clm", "mlm", "classification", "translation", "reward", "grpo")}
 VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default", "layers_to_transform": None,
                     "trainable_tokens": None}
 
@@ -117,8 +121,13 @@ def lora_problems(recipe: Recipe) -> list[str]:
         num_layers, vocab_size = getattr(text, "num_hidden_layers", None), getattr(text, "vocab_size", None)
     import torch
 
-    return variant_problems(spec, recipe.method, recipe.quant.bits, model_type, num_layers, vocab_size,
-                            torch.cuda.is_available())
+    out = variant_problems(spec, recipe.method, recipe.quant.bits, model_type, num_layers, vocab_size,
+                           torch.cuda.is_available())
+    tasks = INIT_TASKS.get(spec.init)
+    if recipe.method == "lora" and tasks is not None and recipe.task not in tasks:
+        out.append(f"lora.init: {spec.init} is not supported by the {recipe.task} task yet (its adapter would be "
+                   f"saved unconverted); the tasks that support it: {', '.join(tasks)}")
+    return out
 
 
 def token_indices(spec: LoraSpec, tokenizer) -> list[int] | None:

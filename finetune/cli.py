@@ -45,8 +45,11 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # three bars per split otherwise
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bar
-        if "transformers" in sys.modules:  # already imported (the CLI called in-process): too late for the env
+        # Already imported (the CLI called in-process): too late for the environment variables.
+        if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -120,3 +120,13 @@ def test_variant_problems_against_quantisation_and_device():
                             16, None, cuda=False) == [
         "lora.layers_to_transform: cannot be combined with lora.target_modules=all-linear (peft); name the modules "
         "in lora.target_modules"]
+
+
+def test_initialisation_needing_a_task_step_is_refused_elsewhere(tiny_gpt, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    code, out, err = invoke("dpo", "--model", tiny_gpt, "--data", prefs, "-o", tmp_path / "run",
+                            "--set", "lora.init=pissa")
+    assert code == 2
+    assert errors(err) == ["error: lora.init: pissa is not supported by the dpo task yet (its adapter would be saved "
+                           "unconverted); the tasks that support it: clm"]

@@ -130,13 +130,11 @@ def test_trl_style_reward_function(sft, tmp_path, monkeypatch):
     """trl's documentation writes `def reward_len(completions, **kwargs)`; it works unchanged, and the
     data's other columns arrive by keyword."""
     (tmp_path / "trl_rewards.py").write_text(
-        "def reward_len(completions, **kwargs):\n    return [-abs(8 - len(c)) for c in completions]\n\n"
-        "def soft(completions, place, **kwargs):\n"
-        "    return [float(p in c) for c, p in zip(completions, place)]\n")
+        "def reward_len(completions, **kwargs):\n"
+        "    return [float(p in c) - 0.1 * len(c) for c, p in zip(completions, kwargs['place'])]\n")
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "place": "mat"}
                                                     for r in preference_rows(32)])
-    for fn in ("reward_len", "soft"):
-        grpo("--model", sft, "--data", data, "-o", tmp_path / fn, "--set", f"grpo.reward=trl_rewards:{fn}",
-             *FAST, "--max-steps", "2", "--set", "train.logging_steps=1")
-        assert logged(tmp_path / fn, f"rewards/{fn}/mean")
+    grpo("--model", sft, "--data", data, "-o", tmp_path / "run", "--set", "grpo.reward=trl_rewards:reward_len",
+         *FAST, "--max-steps", "2", "--set", "train.logging_steps=1")
+    assert logged(tmp_path / "run", "rewards/reward_len/mean")
