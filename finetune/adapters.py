@@ -218,7 +218,10 @@ def keep_initial_adapter(peft_model) -> None:
     `save_adapter` write the trained one as a plain LoRA on the ORIGINAL base (peft's conversion), so
     that it loads on the base model like any other adapter."""
     import tempfile
+    import warnings
 
+    # peft warns at every save that the adapter should be converted: save_adapter does exactly that.
+    warnings.filterwarnings("ignore", message=r".*changes the base weights of the model", category=UserWarning)
     folder = tempfile.mkdtemp(prefix="finetune-lora-init-")
     config = peft_model.peft_config["default"]
     init, config.init_lora_weights = config.init_lora_weights, True

@@ -271,6 +271,8 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
             metrics[k] = round(v, 6)
     if "eval_loss" in metrics:
         metrics["perplexity"] = round(perplexity(metrics["eval_loss"]), 4)
+    if getattr(state, "best_global_step", None) and trainer.args.load_best_model_at_end:
+        metrics["best_step"] = state.best_global_step  # the weights saved (train.keep_best / early stopping)
     import torch
 
     if torch.cuda.is_available():  # what `finetune plan` estimates
@@ -301,7 +303,7 @@ def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: st
 
 
 def print_summary(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], next_steps: list[str]) -> None:
-    shown = ["final_train_loss", "eval_loss", "perplexity", "eval_accuracy", "eval_f1", "eval_bleu",
+    shown = ["final_train_loss", "best_step", "eval_loss", "perplexity", "eval_accuracy", "eval_f1", "eval_bleu",
              "tokens_seen", "tokens_per_s", "runtime_s", "trainable_params", "total_params"]
     lines = [f"\nfinetune {recipe.method} ({recipe.task}) finished: {run_dir}/"]
     for k in shown:

@@ -31,7 +31,8 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_gpt_lm, tmp_path):
     losses = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert losses[1] > losses[0] and losses[2] > losses[0]  # the toy task does what it says
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 3  # best at 1, two worse evaluations, stop
+    assert metrics["steps"] == 3 and metrics["best_step"] == 1  # best at 1, two worse evaluations, stop
+    assert "  best_step          1" in out  # the summary says it
     assert "best: step 1 (eval_loss " in out
     saved = load_file(run / "adapter_model.safetensors")
     best = load_file(run / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors")
