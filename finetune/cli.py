@@ -43,6 +43,13 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         import logging
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # three bars per split otherwise
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bar
+        # Already imported (the CLI called in-process): too late for the environment variables.
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -264,6 +271,9 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         env_defaults()
         mod = load_task(r.task)
         problems, notes = mod.check(r)
+        from finetune.extras import extras_problems
+
+        problems = [*problems, *extras_problems(r)]  # LoRA variants, trackers, kernels, best checkpoint, push
         for n in notes:
             typer.echo(f"  {n}")
         if problems:
@@ -663,6 +673,74 @@ def version_callback(value: bool) -> None:
 def root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
                                                help="Print the version.")] = False) -> None:
     """Fine-tune transformer models (GPT, BERT, T5, ViT) with LoRA, full training or QLoRA."""
+
+
+# ---------------------------------------------------------------------------------------
+# The ecosystem: publish, compare and list runs
+
+
+@app.command()
+def push(
+    run: Annotated[str, typer.Argument(help="A finished run directory.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id: user/name or org/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created if "
+                                                                       "missing; default main).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Upload a run to the Hugging Face Hub: model or adapter, tokenizer, card, recipe, metrics, log.
+
+    Never checkpoints/ or files holding a token. Needs HF_TOKEN or `hf auth login`.
+    Example: finetune push runs/gpt2-lora me/gpt2-lora --private"""
+
+    def body():
+        import re
+
+        from finetune.push import files_to_push, push_problems, push_run
+
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            raise UserError(f"REPO_ID: '{repo_id}' is not a Hub repo id; write it as user/name or org/name")
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise UserError(f"run: '{run}' is not a directory")
+        files = files_to_push(run_dir)
+        problems = push_problems("push")
+        if problems:
+            raise UserError(problems)
+        url = push_run(run_dir, repo_id, private, revision)
+        typer.echo(f"pushed {len(files)} files to {url}" + (f" (branch {revision})" if revision else ""))
+
+    guarded(debug, body)
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[str], typer.Argument(help="Run directories (several: drawn on one figure).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="PNG to write (default RUN/curves.png "
+                                                                         "for one run, ./curves.png for several).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw loss, eval loss, learning rate and tokens/s (reward for RL) from the runs' log.jsonl.
+
+    Example: finetune plot runs/a runs/b -o compare.png"""
+
+    def body():
+        from finetune.plot import plot_runs
+
+        typer.echo(f"wrote {plot_runs([Path(r) for r in runs], Path(output) if output else None)}")
+
+    guarded(debug, body)
+
+
+@app.command("runs")
+def runs_command(
+    folder: Annotated[str, typer.Argument(help="Folder holding runs (default runs/).")] = "runs",
+) -> None:
+    """List the runs under a folder: task, method, base, steps, final metrics, status."""
+    from finetune.runs import runs_table
+
+    for line in runs_table(Path(folder)):
+        typer.echo(line)
 
 
 def main() -> None:

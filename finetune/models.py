@@ -137,6 +137,8 @@ def load_model(spec: ModelSpec, auto_cls, quant: QuantSpec | None = None, **kwar
     qconfig = quantization_config(quant) if quant else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
+    if spec.attn_implementation:  # checked before loading (extras.kernel_problems)
+        kwargs.setdefault("attn_implementation", spec.attn_implementation)
     try:
         return auto_cls.from_pretrained(source, dtype=torch_dtype(spec.dtype), revision=spec.revision,
                                         trust_remote_code=spec.trust_remote_code, **kwargs)

@@ -118,7 +118,8 @@ class PpoTrainer:
     # -----------------------------------------------------------------------------------
     # One PPO iteration
 
-    def iteration(self, prompt_ids: list[list[int]], prompt_texts: list[str]) -> dict[str, float]:
+    def iteration(self, prompt_ids: list[list[int]], prompt_texts: list[str],
+                  columns: dict[str, list] | None = None) -> dict[str, float]:
         s, dev = self.spec, self.accelerator.device
 
         # 1. Rollout: prompts padded on the left, responses padded after their eos.
@@ -130,7 +131,8 @@ class PpoTrainer:
 
         # 2. Score the texts (the reward model appends its own eos), penalise responses that never end.
         completions = self.decode(responses)
-        scores = torch.tensor(self.reward_fn(prompt_texts, completions), dtype=torch.float, device=dev)
+        scores = torch.tensor(self.reward_fn(prompt_texts, completions, **(columns or {})), dtype=torch.float,
+                              device=dev)
         ended = (responses == self.eos_id).any(1)
         penalised = scores - s.missing_eos_penalty * (~ended).float()
 
@@ -230,8 +232,9 @@ class PpoTrainer:
     # The loop, held-out evaluation, checkpoints
 
     def train(self, *, prompt_ids: list[list[int]], prompt_texts: list[str], start: int, run_dir: Path, seed: int,
-              callbacks: list | None = None) -> None:
-        """Iterations `start` .. `self.iterations`, logging each, checkpointing every train.save_steps."""
+              callbacks: list | None = None, columns: dict[str, list] | None = None) -> None:
+        """Iterations `start` .. `self.iterations`, logging each, checkpointing every train.save_steps.
+        `columns`: the data's other columns, handed to the reward function by keyword (as trl does)."""
         acc, iterations = self.accelerator, self.iterations
         if acc.is_main_process:  # on resume, keep only the lines up to the checkpoint
             trim_log(run_dir, start)
@@ -239,7 +242,8 @@ class PpoTrainer:
             began = time.perf_counter()
             idx = prompt_indices(len(prompt_ids), it, self.spec.rollout_batch_size, acc.process_index,
                                  acc.num_processes, seed)
-            metrics = self.iteration([prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx])
+            metrics = self.iteration([prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx],
+                                     {k: [v[i] for i in idx] for k, v in (columns or {}).items()})
             record: dict[str, Any] = {"step": it + 1, **metrics, "learning_rate": self.scheduler.get_last_lr()[0],
                                       "iteration_s": round(time.perf_counter() - began, 3)}
             if acc.is_main_process:
@@ -270,7 +274,8 @@ class PpoTrainer:
         if not torch.allclose(totals, totals[0].expand_as(totals), rtol=1e-9, atol=1e-9):
             raise RuntimeError(f"the processes' weights diverged ({totals.tolist()}); gradients were not synchronised")
 
-    def evaluate(self, prompt_ids: list[list[int]], prompt_texts: list[str]) -> dict[str, float]:
+    def evaluate(self, prompt_ids: list[list[int]], prompt_texts: list[str],
+                 columns: dict[str, list] | None = None) -> dict[str, float]:
         """Mean reward of responses sampled on held-out prompts, by the policy and by the reference."""
         acc = self.accelerator
         mine = list(range(acc.process_index, len(prompt_ids), acc.num_processes))
@@ -279,12 +284,13 @@ class PpoTrainer:
         for i in range(0, len(mine), self.spec.rollout_batch_size):
             chunk = mine[i:i + self.spec.rollout_batch_size]
             ids, texts = [prompt_ids[j] for j in chunk], [prompt_texts[j] for j in chunk]
+            cols = {k: [v[j] for j in chunk] for k, v in (columns or {}).items()}
             _, _, responses = self.generate(self.policy, ids)
-            sums[0] += sum(self.reward_fn(texts, self.decode(responses)))
+            sums[0] += sum(self.reward_fn(texts, self.decode(responses), **cols))
             sums[2] += response_mask(responses, self.eos_id).sum()
             with self.reference() as ref:
                 _, _, responses = self.generate(ref, ids)
-            sums[1] += sum(self.reward_fn(texts, self.decode(responses)))
+            sums[1] += sum(self.reward_fn(texts, self.decode(responses), **cols))
             sums[3] += len(chunk)
         sums = acc.reduce(sums, "sum")
         count = max(sums[3].item(), 1)

@@ -25,6 +25,7 @@ from finetune.errors import UserError, did_you_mean
 from finetune.tasks import REGISTRY, section_owner, stage_commands, unknown_task
 
 Method = Literal["lora", "full", "pretrain"]
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 
 class Spec(BaseModel):
@@ -43,6 +44,8 @@ class ModelSpec(Spec):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights as loaded
     revision: str | None = None  # Hub branch, tag or commit
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+    attn_implementation: str | None = None  # eager, sdpa, flash_attention_2/3, flex_attention or a Hub kernel
+    # (org/repo, `kernels` package); unset: transformers' choice (sdpa where it can)
 
 
 class DataSpec(Spec):
@@ -66,6 +69,13 @@ class LoraSpec(Spec):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] | None = None  # null: finetune's choice per architecture
     modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter
+    use_dora: bool = False  # DoRA: also learns each output's magnitude; closer to full fine-tuning, slower steps
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r): high ranks keep learning
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"  # pissa/olora start from the base's
+    # principal directions (faster convergence); loftq fits a 4-bit base's quantisation error (CUDA)
+    layers_to_transform: list[int] | None = Field(None, min_length=1)  # adapt only these layers (0-based); null: all
+    trainable_tokens: list[str | int] | None = Field(None, min_length=1)  # embedding rows trained in full, by
+    # token or id: new special tokens (chat markers) start untrained otherwise
 
 
 class QuantSpec(Spec):
@@ -105,6 +115,15 @@ class TrainSpec(Spec):
     machine_rank: int = Field(0, ge=0)  # multi-node: this machine, 0 .. num_machines-1 (machine 0 writes the run)
     main_process_ip: str | None = None  # multi-node: address of machine 0, reachable from every machine
     main_process_port: int | None = Field(None, gt=0, lt=65536)  # unset: 29500 multi-node, a free port otherwise
+    report_to: str | list[str] = "none"  # tensorboard, wandb, mlflow, trackio or a list; logs in the run dir
+    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evaluations without improvement
+    # (needs train.eval_steps); implies keep_best
+    keep_best: bool = False  # save the weights of the best evaluation, not the last (needs train.eval_steps)
+    metric_for_best: str | None = None  # eval metric that decides "best"; unset: the task's (loss, accuracy, bleu...)
+    liger_kernel: bool = False  # Liger's Triton kernels (CUDA, `pip install liger-kernel`): less memory, faster
+    torch_compile: bool = False  # compile the model with torch.compile: faster steps after a slow first one
+    neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: noise on input embeddings (5 in the paper)
+    push_to_hub: str | None = None  # Hub repo id (user/name) a finished run is uploaded to (needs HF_TOKEN)
     nan_patience: int = Field(0, ge=0)  # non-finite gradient steps skipped in a row before the run stops
     trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
 
@@ -129,6 +148,25 @@ class TrainSpec(Spec):
                                 "stops with exit code 143; drop it")
         if problems:
             raise PydanticCustomError("trainer_args", "; ".join(problems))
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        names = [v] if isinstance(v, str) else list(v)
+        for name in names:
+            if name not in TRACKERS:
+                raise PydanticCustomError("tracker", f"unknown tracker '{name}'{did_you_mean(name, TRACKERS)}; "
+                                          f"choose from {', '.join(TRACKERS)}")
+        if "none" in names and len(names) > 1:
+            raise PydanticCustomError("tracker", "'none' cannot be listed with trackers")
+        return v
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, v):
+        if v is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise PydanticCustomError("repo_id", f"'{v}' is not a Hub repo id; write it as user/name or org/name")
         return v
 
 

@@ -1,10 +1,12 @@
 """Reward sources for online RL (PPO, GRPO): a trained reward-model directory or a Python function.
 
     reward: runs/reward            # a run of `finetune reward` (adapter or full) or a model directory
-    reward: my_rewards:length      # module:function, called as fn(prompts, completions) -> list[float]
+    reward: my_rewards:length      # module:function, called the way trl calls reward functions
 
-Both give a `RewardFn(prompts, completions) -> list[float]`, the signature trl's GRPOTrainer
-accepts as a reward function too.
+A function is called by keyword, `fn(prompts=..., completions=..., **columns)` with the dataset's
+other columns, as trl's GRPOTrainer does, so every trl example (`def reward_len(completions, **kwargs)`)
+works unchanged; a function of two positional parameters (prompts, completions) is accepted too.
+Both sources give a `RewardFn(prompts, completions, **columns) -> list[float]`.
 
 Scoring follows the convention the reward model was trained with (trl's RewardTrainer, which
 `finetune reward` uses): plain text is prompt + completion + eos; chat messages are rendered with the
@@ -62,28 +64,57 @@ def import_reward_fn(spec: str, key: str = "reward") -> RewardFn:
         raise UserError(f"{key}: module '{module_name}' has no function '{attr}'{did_you_mean(attr, names)}")
     if not callable(fn):
         raise UserError(f"{key}: '{spec}' is not callable")
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    has_var = any(p.kind == p.VAR_POSITIONAL for p in params.values())
-    if params and len(positional) < 2 and not has_var:
-        raise UserError(f"{key}: '{spec}' must take (prompts, completions) and return one float per completion")
-    # A function with **kwargs also gets the dataset's other columns (GRPO passes them, e.g. a reference answer).
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    call_with = reward_caller(fn, spec, key)
 
     def call(prompts: list, completions: list, **kwargs) -> list[float]:
-        scores = list(fn(prompts, completions, **kwargs) if takes_kwargs else fn(prompts, completions))
+        scores = list(call_with(prompts, completions, kwargs))
         if len(scores) != len(completions):
             raise UserError(f"{key}: '{spec}' returned {len(scores)} scores for {len(completions)} completions")
-        try:
-            return [float(s) for s in scores]
+        try:  # None means "no opinion" to trl (a NaN it averages around)
+            return [float("nan") if s is None else float(s) for s in scores]
         except (TypeError, ValueError) as e:
             raise UserError(f"{key}: '{spec}' returned a score that is not a number ({e})") from e
 
     call.__name__ = attr
     return call
+
+
+SIGNATURE = ("def fn(prompts, completions, **kwargs) -> list[float], or def fn(completions, **kwargs) as in "
+             "trl's documentation; the dataset's other columns arrive as keyword arguments")
+
+
+def reward_caller(fn, spec: str, key: str):
+    """How to call `fn` with (prompts, completions, columns): the way trl does, by keyword
+    (`prompts=`, `completions=`, every other dataset column), when it names those parameters or takes
+    **kwargs; positionally as fn(prompts, completions) otherwise, with the columns it names by keyword."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the historical positional call
+        return lambda prompts, completions, columns: fn(prompts, completions)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if "completions" in names:  # trl's convention: everything by keyword, what it does not take is left out
+        def by_keyword(prompts, completions, columns):
+            given = {"prompts": prompts, "completions": completions, **columns}
+            missing = [n for n in required if n not in given]
+            if missing:
+                raise UserError(f"{key}: '{spec}' takes {', '.join(missing)}, which the data has no column for; "
+                                f"add the column, or give the parameter a default")
+            return fn(**{k: v for k, v in given.items() if var_kw or k in names})
+
+        return by_keyword
+    if len(positional) >= 2 or var_pos:  # fn(prompts, completions) under other names
+        first_two = {p.name for p in positional[:2]}
+
+        def by_position(prompts, completions, columns):
+            extra = {k: v for k, v in columns.items() if k not in first_two and (var_kw or k in names)}
+            return fn(prompts, completions, **extra)
+
+        return by_position
+    raise UserError(f"{key}: '{spec}' cannot be called as a reward function; expected {SIGNATURE}")
 
 
 def matches_answer(prompts: list, completions: list, answer: list | None = None, **kwargs) -> list[float]:

@@ -75,6 +75,9 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
         rundir.check(recipe.output_dir, overwrite, resume, checkpoints.latest(recipe.output_dir) is not None)
     check_precision(recipe)
     check_distributed(recipe)
+    from finetune.extras import check_extras
+
+    check_extras(recipe)  # LoRA variants, trackers, kernels, early stopping, push_to_hub
     if recipe.model.name:
         models.check_model_files(recipe.model.name, "model.name")
     data.check_sources(recipe.data)
@@ -141,12 +144,14 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 
 def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
           callbacks: list | None = None) -> dict[str, Any] | None:
+    from finetune.callbacks import run_callbacks
     from finetune.memory import run_with_auto_batch
 
     task = load_task(recipe.task)
     try:
         with guards.installed():
-            metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume, callbacks=callbacks))
+            metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume,
+                                                                     callbacks=[*run_callbacks(r), *(callbacks or [])]))
     except guards.Interrupted as e:
         settle(recipe, claim, "interrupted", e.step)
         raise Stopped(interrupted_lines(recipe, e.step) if is_main_process() else [], e.exit_code) from e
@@ -160,6 +165,10 @@ def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
         settle(recipe, claim, "failed", None)
         raise
     settle(recipe, claim, "finished", (metrics or {}).get("steps"))
+    if claim is not None:
+        from finetune.push import push_after_run
+
+        push_after_run(recipe)  # train.push_to_hub
     return metrics
 
 
@@ -181,6 +190,10 @@ def launch(recipe: Recipe, resume: bool, claim: rundir.Claim | None) -> None:
     outcome = rundir.status(recipe.output_dir) if recipe.output_dir.is_dir() else "failed"
     if code == 0:
         settle(recipe, claim, "finished", None)
+        if claim is not None:
+            from finetune.push import push_after_run
+
+            push_after_run(recipe)  # train.push_to_hub
         return None
     if outcome == "interrupted" or code in (130, 143, -signal.SIGTERM, -signal.SIGINT):
         settle(recipe, claim, "interrupted", None)

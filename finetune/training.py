@@ -134,7 +134,6 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
         bf16=t.bf16,
         fp16=t.fp16,
         gradient_checkpointing=t.gradient_checkpointing,
-        report_to="none",
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -145,6 +144,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
     )
     if recipe.method == "lora":
         kwargs["ddp_find_unused_parameters"] = False
+    from finetune.extras import trainer_fields
+
+    kwargs.update(trainer_fields(recipe, run_dir))  # trackers, kernels, best checkpoint
     kwargs.update(task_defaults)
     fields = {f.name for f in dataclasses.fields(args_cls)}
     if "activation_checkpointing" in fields:  # the transformers >= 5.2x name
@@ -228,7 +230,7 @@ def log_callback(run_dir: Path, resume_step: int = 0):
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics, model card, summary
+# Metrics, summary (the model card: finetune/card.py)
 
 
 def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, model) -> dict[str, Any]:
@@ -258,6 +260,8 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
             metrics[k] = round(v, 6)
     if "eval_loss" in metrics:
         metrics["perplexity"] = round(perplexity(metrics["eval_loss"]), 4)
+    if getattr(state, "best_global_step", None) and trainer.args.load_best_model_at_end:
+        metrics["best_step"] = state.best_global_step  # the weights saved (train.keep_best / early stopping)
     import torch
 
     if torch.cuda.is_available():  # what `finetune plan` estimates
@@ -273,36 +277,6 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
     return metrics
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], usage: str) -> str:
-    base = recipe.model.name or f"a new model from config '{recipe.model.config or 'tiny'}'"
-    what = {"lora": "a LoRA adapter (peft)", "full": "a full fine-tune", "pretrain": "a model pre-trained from scratch"}
-    rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items() if v is not None)
-    return f"""---
-library_name: {'peft' if recipe.method == 'lora' else 'transformers'}
-base_model: {recipe.model.name or 'none'}
-tags: [finetune, {recipe.task}, {recipe.method}]
----
-# {recipe.output_dir.name}
-
-{what[recipe.method].capitalize()} for the `{recipe.task}` task, made with [finetune](https://pypi.org/project/finetune/).
-
-- **Base**: {base}
-- **Training data**: {recipe.data.train}
-- **Evaluation data**: {recipe.data.eval or f'{recipe.data.eval_fraction:.0%} held out of the training data'}
-- **Recipe**: `recipe.yaml` in this directory; run it again with `finetune {recipe.method} recipe.yaml`
-
-## Metrics
-
-| metric | value |
-| --- | --- |
-{rows}
-
-## Use
-
-{usage}
-"""
-
-
 def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: str, next_steps: list[str]) -> None:
     """Write metrics.json and the model card, then print where everything is and what to run next."""
     if not is_main_process():
@@ -312,12 +286,14 @@ def finish_run(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: st
     (run_dir / "training_args.bin").unlink(missing_ok=True)
     metrics = {k: finite(v) for k, v in metrics.items()}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    (run_dir / "README.md").write_text(model_card(recipe, metrics, usage))
+    from finetune.card import write_card
+
+    write_card(recipe, run_dir, metrics, usage)
     print_summary(recipe, run_dir, metrics, next_steps)
 
 
 def print_summary(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], next_steps: list[str]) -> None:
-    shown = ["final_train_loss", "eval_loss", "perplexity", "eval_accuracy", "eval_f1", "eval_bleu",
+    shown = ["final_train_loss", "best_step", "eval_loss", "perplexity", "eval_accuracy", "eval_f1", "eval_bleu",
              "tokens_seen", "tokens_per_s", "runtime_s", "trainable_params", "total_params"]
     lines = [f"\nfinetune {recipe.method} ({recipe.task}) finished: {run_dir}/"]
     for k in shown:

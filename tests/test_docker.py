@@ -125,7 +125,7 @@ def test_the_image_install_step_builds_the_package_with_presets_and_recipes(tmp_
     assert target.startswith(".[") and target.endswith("]")
     result = pip(python, "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), ".", cwd=context)
     assert result.returncode == 0, result.stderr[-3000:]
-    [wheel] = (tmp_path / "dist").glob("finetune-*.whl")
+    [wheel] = (tmp_path / "dist").glob("finetune_toolkit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for preset in ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
         assert f"finetune/presets/{preset}.yaml" in names
@@ -151,7 +151,7 @@ def test_the_image_install_step_resolves_in_a_clean_venv(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = {d["metadata"]["name"].lower(): d["metadata"]["version"] for d in json.loads(report.read_text())["install"]}
     assert resolved["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    for name in ("finetune", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
+    for name in ("finetune-toolkit", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
         assert name in resolved, name
     extras = arg_defaults()["EXTRAS"].split(",")
     if "deepspeed" in extras:

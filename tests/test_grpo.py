@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import invoke, write_jsonl
-from rlhf_helpers import good_rate, logged, mean_reward, supervised_gpt, write_preferences, write_prompts
+from rlhf_helpers import (good_rate, logged, mean_reward, preference_rows, supervised_gpt, write_preferences,
+                          write_prompts)
 from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 FAST = ["--max-steps", "30", "--set", "train.batch_size=16", "--set", "train.logging_steps=5",
@@ -123,3 +124,17 @@ def test_prompts_without_room_for_the_completion_are_reported(sft, tmp_path):
 
 def prompts_file_empty_prompt(tmp_path) -> str:
     return write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "the red cat"}] * 8 + [{"prompt": ""}])
+
+
+def test_trl_style_reward_function(sft, tmp_path, monkeypatch):
+    """trl's documentation writes `def reward_len(completions, **kwargs)`; it works unchanged, and the
+    data's other columns arrive by keyword."""
+    (tmp_path / "trl_rewards.py").write_text(
+        "def reward_len(completions, **kwargs):\n"
+        "    return [float(p in c) - 0.1 * len(c) for c, p in zip(completions, kwargs['place'])]\n")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "place": "mat"}
+                                                    for r in preference_rows(32)])
+    grpo("--model", sft, "--data", data, "-o", tmp_path / "run", "--set", "grpo.reward=trl_rewards:reward_len",
+         *FAST, "--max-steps", "2", "--set", "train.logging_steps=1")
+    assert logged(tmp_path / "run", "rewards/reward_len/mean")

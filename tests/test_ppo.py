@@ -332,3 +332,22 @@ def test_ppo_starts_from_a_lora_run_merged_into_its_base(tiny_gpt, tmp_path):
     assert torch.equal(reference.transformer.h[0].attn.c_attn.weight, merged)
     critic = load_critic(recipe, recipe.ppo, tokenizer, None)
     assert torch.equal(critic.transformer.h[0].attn.c_attn.weight, merged)
+
+
+def test_trl_style_reward_function_gets_the_data_columns(env, tmp_path):
+    """`def f(completions, **kwargs)` as trl's docs write it; the data's other columns arrive by keyword."""
+    (tmp_path / "kw_rewards.py").write_text(
+        "def animal(completions, wanted, **kwargs):\n"
+        "    return [float(c.strip().startswith(w)) for c, w in zip(completions, wanted)]\n")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"the {c}", "wanted": "cat"} for c in COLORS * 4])
+    sys.path.insert(0, str(tmp_path))
+    try:
+        code, _, stderr = invoke("ppo", RECIPE, "--model", env.policy, "--data", data, "-o", str(tmp_path / "out"),
+                                 "--max-steps", "1", "--set", "ppo.reward=kw_rewards:animal",
+                                 "--set", "ppo.rollout_batch_size=16", "--set", "train.batch_size=16",
+                                 "--set", "data.eval_fraction=0.25")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert code == 0, stderr
+    log = read_log(tmp_path / "out")
+    assert len(log) == 1 and 0 < log[0]["reward"] < 1  # some cats, some not: the column was used

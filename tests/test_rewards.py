@@ -147,3 +147,53 @@ def test_ready_made_answer_reward():
     assert fn(["q"], chat, answer=["moo."]) == [1.0]
     with pytest.raises(UserError, match="needs an `answer` column in the data"):
         fn(["q"], [" moo."])
+
+
+TRL_STYLE = '''
+def reward_len(completions, **kwargs):
+    """As trl's documentation writes them: keyword arguments, the dataset's columns in kwargs."""
+    return [-abs(20 - len(c)) for c in completions]
+
+def needs_answer(completions, answer, **kwargs):
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+def named_only(prompts, completions):
+    return [float(len(p) > len(c)) for p, c in zip(prompts, completions)]
+
+def other_names(p, c):
+    return [float(len(x)) for x in c]
+
+def keyword_column(p, c, answer=None):
+    return [float(x == a) for x, a in zip(c, answer)]
+
+def too_few(completions_only):
+    return [0.0]
+
+def maybe(completions, **kwargs):
+    return [None if c == "?" else 1.0 for c in completions]
+'''
+
+
+def test_reward_functions_are_called_as_trl_calls_them(tmp_path, monkeypatch):
+    (tmp_path / "toy_rewards_trl.py").write_text(TRL_STYLE)
+    monkeypatch.chdir(tmp_path)
+    fn = load_reward("toy_rewards_trl:reward_len")
+    # trl's GRPOTrainer calls by keyword with extra arguments (completion_ids, trainer_state, columns)
+    assert fn(prompts=["p"], completions=["x" * 18], completion_ids=[[1]], trainer_state=None, answer=["a"]) == [-2.0]
+    assert fn(["p"], ["x" * 25]) == [-5.0]  # and PPO positionally
+    assert load_reward("toy_rewards_trl:needs_answer")(["p", "p"], [" 4", "5"], answer=["4", "4"]) == [1.0, 0.0]
+    with pytest.raises(UserError) as e:
+        load_reward("toy_rewards_trl:needs_answer", "ppo.reward")(["p"], ["4"])
+    assert e.value.problems == ["ppo.reward: 'toy_rewards_trl:needs_answer' takes answer, which the data has no column "
+                                "for; add the column, or give the parameter a default"]
+    # positional functions: extra keyword arguments are left out unless named
+    assert load_reward("toy_rewards_trl:named_only")(prompts=["long prompt"], completions=["c"], x=[1]) == [1.0]
+    assert load_reward("toy_rewards_trl:other_names")(["p"], ["abc"], answer=["a"]) == [3.0]
+    assert load_reward("toy_rewards_trl:keyword_column")(["p", "p"], ["a", "b"], answer=["a", "a"]) == [1.0, 0.0]
+    assert load_reward("toy_rewards_trl:maybe")(["p", "p"], ["?", "!"])[1] == 1.0  # None: no opinion (NaN)
+    with pytest.raises(UserError) as e:
+        load_reward("toy_rewards_trl:too_few", "grpo.reward")
+    assert e.value.problems == [
+        "grpo.reward: 'toy_rewards_trl:too_few' cannot be called as a reward function; expected def fn(prompts, "
+        "completions, **kwargs) -> list[float], or def fn(completions, **kwargs) as in trl's documentation; the "
+        "dataset's other columns arrive as keyword arguments"]

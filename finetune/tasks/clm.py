@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune import data as D
 from finetune import models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.adapters import apply_lora, is_adapter_dir, save_adapter
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
@@ -62,7 +62,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             from finetune.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
-        model = apply_lora(model, recipe.lora, "CAUSAL_LM")
+        model = apply_lora(model, recipe.lora, "CAUSAL_LM", tokenizer=tokenizer)
 
     # 6. Train, evaluate, save.
     run_dir = training.start_run(recipe)
@@ -76,6 +76,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
+        save_adapter(model, run_dir)  # PiSSA/OLoRA: as a plain LoRA on the original base
         tokenizer.save_pretrained(str(run_dir))
 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)

@@ -8,8 +8,9 @@ advantage is its reward relative to the others of its group.
 
 The reward (grpo.reward) is a `finetune reward` run or any one-output reward-model directory (scored
 as it was trained: prompt + completion + eos, right padding), or a Python function named as
-module:function, called as fn(prompts, completions) -> list[float] (with **kwargs it also gets the
-dataset's other columns). Data: a `prompt` column, plain text or chat messages. Recipe fields:
+module:function, called as trl calls reward functions: `prompts=`, `completions=` and the dataset's
+other columns by keyword (`def reward_len(completions, **kwargs)` works; so does a positional
+fn(prompts, completions)). Data: a `prompt` column, plain text or chat messages. Recipe fields:
 model.*, data.*, lora.*, quant.*, train.* (train.batch_size counts completions), grpo.*.
 """
 

@@ -11,7 +11,8 @@ max_steps = PPO iterations (unset: train.epochs passes over the prompts), batch_
 rollouts per optimizer step, learning_rate (unset: 3e-5 LoRA, 3e-6 full), save_steps in iterations.
 
 The reward is a reward-model directory (scored on prompt + response + eos, right-padded) or a
-Python function `module:function(prompts, completions) -> list[float]`. The reference is a frozen
+Python function `module:function`, called as trl calls reward functions: `prompts=`, `completions=`
+and the data's other columns by keyword (a positional fn(prompts, completions) works too). The reference is a frozen
 copy of the starting policy, or under LoRA the policy with its adapter disabled (no second copy).
 The critic is a sequence-classification model with one output read at every token: by default
 the policy's weights with a new head (same tokenizer, and it starts from what the policy knows);
@@ -83,11 +84,12 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     set_seed(t.seed, device_specific=True)  # each process samples differently
     start = trainer.load_state(checkpoint) if checkpoint else 0  # restores each process's RNG too
     trainer.train(prompt_ids=train_ids, prompt_texts=list(train_raw[spec.prompt_column]), start=start, run_dir=run_dir,
-                  seed=t.seed, callbacks=callbacks)
+                  seed=t.seed, callbacks=callbacks, columns=other_columns(train_raw, spec))
     runtime = trainer_runtime(run_dir)
 
     # 5. Evaluate on held-out prompts, save the policy, write the card.
-    eval_metrics = trainer.evaluate(eval_ids, list(eval_raw[spec.prompt_column])) if eval_ids else {}
+    eval_metrics = trainer.evaluate(eval_ids, list(eval_raw[spec.prompt_column]),
+                                    other_columns(eval_raw, spec)) if eval_ids else {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(trainer.policy).save_pretrained(str(run_dir))
@@ -124,6 +126,11 @@ def problems(recipe: Recipe) -> list[str]:
     if recipe.quant.bits:
         out.append("quant.bits: `finetune ppo` does not train quantized policies; drop quant.bits")
     return out
+
+
+def other_columns(ds, spec: PpoSpec) -> dict[str, list]:
+    """The data's columns besides the prompts: a reward function gets them by keyword, as in trl."""
+    return {c: list(ds[c]) for c in ds.column_names if c != spec.prompt_column}
 
 
 def tokenize_prompts(ds, tokenizer, spec: PpoSpec, context: int, key: str, source: str) -> list[list[int]]:

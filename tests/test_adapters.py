@@ -1,0 +1,132 @@
+"""LoRA variants through peft (finetune/adapters.py): DoRA, rsLoRA and PiSSA train, the saved adapter
+loads on the ORIGINAL base as the model that was trained, and merging gives the same logits; trainable
+token rows; each impossible combination refused before loading, by its text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke
+from finetune.adapters import variant_problems
+from finetune.recipe import LoraSpec, build_recipe
+
+PROBE = ["the red cat sat on the mat.", "the blue dog sat on the"]
+
+
+def train_in_process(base: str, data: str, out: Path, **lora):
+    """`finetune lora` in this process, keeping the trained model exactly as it was in memory."""
+    from transformers import TrainerCallback
+
+    from finetune.tasks import clm
+
+    class Keep(TrainerCallback):
+        model = None
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            Keep.model = model
+
+    recipe = build_recipe({"model": {"name": base}, "data": {"train": data, "eval_fraction": 0.1},
+                           "lora": {"r": 4, **lora},
+                           "train": {"output_dir": str(out), "max_steps": 8, "batch_size": 8, "logging_steps": 4,
+                                     "learning_rate": 5e-3, "eval_steps": None}})
+    clm.run(recipe, callbacks=[Keep()])
+    return Keep.model.eval()
+
+
+def logits(model, tokenizer):
+    import torch
+
+    batch = tokenizer(PROBE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}, {"init": "pissa"}])
+def test_variant_trains_saves_and_merges(variant, tiny_gpt_lm, toy_text, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained = train_in_process(tiny_gpt_lm, toy_text, tmp_path / "run", **variant)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["use_dora"] == variant.get("use_dora", False)
+    assert config["use_rslora"] == variant.get("use_rslora", False)
+    if "init" in variant:  # converted to a plain LoRA of rank 2r on the original base
+        assert config["r"] == 8 and config["init_lora_weights"] is True
+    in_memory = logits(trained, tok)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run")).eval()  # on the original base
+    from_disk = logits(loaded, tok)
+    assert torch.allclose(from_disk, in_memory, atol=1e-4), (from_disk - in_memory).abs().max()
+    merged = logits(loaded.merge_and_unload(), tok)
+    assert torch.allclose(merged, from_disk, atol=1e-4), (merged - from_disk).abs().max()
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_gpt_lm).eval(), tok)
+    assert (merged - base).abs().max() > 1e-2  # it learned something
+
+
+def test_trainable_token_rows(tiny_gpt_lm, toy_text, tmp_path):
+    """Only the named rows of the embedding train (peft's trainable_token_indices); the rest stay."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt_lm)
+    the = tok.tokenize(" the")[0]
+    train_in_process(tiny_gpt_lm, toy_text, tmp_path / "run", trainable_tokens=[the, 3])
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run")).merge_and_unload()
+    before = AutoModelForCausalLM.from_pretrained(tiny_gpt_lm).get_input_embeddings().weight
+    after = merged.get_input_embeddings().weight
+    moved = sorted(torch.nonzero((after - before).abs().amax(1) > 0).flatten().tolist())
+    assert tok.convert_tokens_to_ids(the) in moved and set(moved) <= {3, tok.convert_tokens_to_ids(the)}
+
+
+def errors(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+
+
+@pytest.mark.parametrize("sets, method, expected", [
+    (["lora.init=olora"], "lora", "error: lora.init: olora does not support the Conv1D layers of gpt2 models (peft); "
+                                  "use pissa or gaussian"),
+    (["lora.init=loftq"], "lora", "error: lora.init: loftq fits the adapter to the error of 4-bit quantisation; set "
+                                  "quant.bits=4 (or use pissa on an unquantised base)"),
+    (["lora.layers_to_transform=[1, 2]"], "lora", "error: lora.layers_to_transform: no layer 2 in this model; its "
+                                                  "layers are 0 to 1"),
+    (["lora.use_dora=true", "lora.init=pissa"], "full", "error: lora.use_dora: applies to LoRA runs; this is a full "
+                                                        "run, drop it"),
+    (["lora.trainable_tokens=[99999]"], "lora", "error: lora.trainable_tokens: token id 99999 is outside the "
+                                                "vocabulary (0 to 299)"),
+])
+def test_impossible_variants_are_refused_before_loading(sets, method, expected, tiny_gpt, toy_text, tmp_path):
+    args = [a for s in sets for a in ("--set", s)]
+    code, out, err = invoke(method, "--model", tiny_gpt, "--data", toy_text, "-o", tmp_path / "run", *args)
+    assert code == 2, out + err
+    assert errors(err)[0] == expected
+    assert not (tmp_path / "run").exists()  # nothing claimed
+
+
+def test_variant_problems_against_quantisation_and_device():
+    spec = LoraSpec(init="pissa")
+    assert variant_problems(spec, "lora", 4, "llama", 16, 32000, cuda=True) == [
+        "lora.init: pissa rewrites the base weights, which a 4-bit base cannot hold; drop quant.bits, or use "
+        "lora.init=loftq with quant.bits=4"]
+    assert variant_problems(LoraSpec(init="loftq"), "lora", 4, "llama", 16, 32000, cuda=False) == [
+        "lora.init: peft computes loftq on a CUDA GPU and this machine has none; use lora.init=default"]
+    assert variant_problems(LoraSpec(init="loftq"), "lora", 4, "llama", 16, 32000, cuda=True) == []
+    assert variant_problems(LoraSpec(use_dora=True), "lora", 4, "llama", 16, 32000, cuda=False) == []  # peft 0.21
+    assert variant_problems(LoraSpec(layers_to_transform=[0], target_modules="all-linear"), "lora", None, "llama",
+                            16, None, cuda=False) == [
+        "lora.layers_to_transform: cannot be combined with lora.target_modules=all-linear (peft); name the modules "
+        "in lora.target_modules"]
+
+
+def test_initialisation_needing_a_task_step_is_refused_elsewhere(tiny_gpt, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    code, out, err = invoke("dpo", "--model", tiny_gpt, "--data", prefs, "-o", tmp_path / "run",
+                            "--set", "lora.init=pissa")
+    assert code == 2
+    assert errors(err) == ["error: lora.init: pissa is not supported by the dpo task yet (its adapter would be saved "
+                           "unconverted); the tasks that support it: clm"]
