@@ -49,20 +49,24 @@ def uses_conv1d(model, targets) -> bool:
     return any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in names for n, m in model.named_modules())
 
 
-def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None):
+def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None,
+                trainable_tokens: list[int] | None = None):
     from peft import LoraConfig
 
     targets = target_modules(model, spec)
     keep = list(dict.fromkeys([*(modules_to_save or []), *(spec.modules_to_save or [])])) or None
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      modules_to_save=keep, task_type=task_type, fan_in_fan_out=uses_conv1d(model, targets))
+                      modules_to_save=keep, task_type=task_type, fan_in_fan_out=uses_conv1d(model, targets),
+                      trainable_token_indices=trainable_tokens)
 
 
-def apply_lora(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None):
-    """Wrap `model` with a fresh LoRA adapter; the base weights are frozen."""
+def apply_lora(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None,
+               trainable_tokens: list[int] | None = None):
+    """Wrap `model` with a fresh LoRA adapter; the base weights are frozen. `trainable_tokens`: embedding
+    rows that train too (tokens a chat template added), saved with the adapter."""
     from peft import get_peft_model
 
-    config = lora_config(model, spec, task_type, modules_to_save)
+    config = lora_config(model, spec, task_type, modules_to_save, trainable_tokens)
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -60,6 +60,10 @@ TEMPLATES["llama3"] = TEMPLATES["llama-3"]
 def detect_format(columns: list[str], spec) -> str:
     """The data format of a dataset with these columns, from `data.format` or the column names."""
     if spec.format != "auto":
+        missing = [c for c in format_columns(spec.format, spec) if c not in columns]
+        if missing:
+            raise UserError(f"data.format: {spec.format} data needs the column(s) {', '.join(missing)}; the data has: "
+                            f"{', '.join(columns)}. Rename them or set the data.*_column names")
         return spec.format
     if spec.messages_column in columns:
         return "messages"

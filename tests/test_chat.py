@@ -173,7 +173,9 @@ def test_format_detection():
     assert chat.detect_format(["messages", "id"], spec) == "messages"
     assert chat.detect_format(["prompt", "completion"], spec) == "prompt_completion"
     assert chat.detect_format(["text"], spec) == "text"
-    assert chat.detect_format(["text"], DataSpec(format="messages")) == "messages"
+    assert chat.detect_format(["messages", "text"], DataSpec(format="text")) == "text"
+    with pytest.raises(UserError, match="data.format: messages data needs the column"):
+        chat.detect_format(["text"], DataSpec(format="messages"))
     with pytest.raises(UserError, match="no column for any format; its columns are: body"):
         chat.detect_format(["body"], spec)
 
