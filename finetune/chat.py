@@ -57,7 +57,7 @@ TEMPLATES["llama3"] = TEMPLATES["llama-3"]
 # Formats
 
 
-def detect_format(columns: list[str], spec) -> str:
+def detect_format(columns: list[str], spec, source: str | None = None) -> str:
     """The data format of a dataset with these columns, from `data.format` or the column names."""
     if spec.format != "auto":
         missing = [c for c in format_columns(spec.format, spec) if c not in columns]
@@ -73,10 +73,10 @@ def detect_format(columns: list[str], spec) -> str:
         return "prompt_completion"
     if spec.text_column in columns:
         return "text"
-    raise UserError(f"data.train: no column for any format; its columns are: {', '.join(columns)}. Provide "
-                    f"'{spec.text_column}' (plain text), '{spec.prompt_column}' and '{spec.completion_column}', or "
-                    f"'{spec.messages_column}' (a list of role/content turns), or set data.text_column, "
-                    "data.prompt_column, data.completion_column or data.messages_column")
+    raise UserError(f"data.train '{source or spec.train}': no column for any format; its columns are: "
+                    f"{', '.join(columns)}. Provide '{spec.text_column}' (plain text), '{spec.prompt_column}' and "
+                    f"'{spec.completion_column}', or '{spec.messages_column}' (role/content turns); or set "
+                    "data.text_column, data.prompt_column, data.completion_column or data.messages_column to yours")
 
 
 def format_columns(fmt: str, spec) -> list[str]:

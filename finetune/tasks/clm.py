@@ -62,6 +62,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.data.packing:
+        refuse_packing_without_boundaries(model.config)
     max_length = models.max_length(recipe.data.max_length, model.config)
     # A KV cache in training also disables the packed-sequence mask (documents would see each other).
     model.config.use_cache = False
@@ -110,6 +112,18 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
+
+
+# Recurrent / linear-attention layers carry state along the whole row and ignore restarting position ids,
+# so packed documents would leak into each other.
+NO_PACKING = {"mamba", "mamba2", "falcon_mamba", "jamba", "zamba", "zamba2", "bamba", "falcon_h1", "granitemoehybrid",
+              "nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma", "rwkv", "minimax", "plamo2"}
+
+
+def refuse_packing_without_boundaries(config) -> None:
+    if getattr(config, "model_type", None) in NO_PACKING:
+        raise UserError(f"data.packing: {config.model_type} models have recurrent or linear-attention layers that "
+                        "cannot keep packed examples apart; set data.packing: false")
 
 
 def uses_template(fmt: str, train_raw, recipe: Recipe) -> bool:
