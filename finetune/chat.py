@@ -227,7 +227,13 @@ def set_template(tokenizer, name: str | None) -> list[str]:
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # the template's own checks (roles must alternate, no system role, ...)
+        raise UserError(f"data.chat_template: the chat template refuses a conversation: {e}; fix the data or "
+                        "choose another template (data.chat_template)") from e
 
 
 def encode(tokenizer, text: str) -> list[int]:

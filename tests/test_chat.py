@@ -184,3 +184,11 @@ def test_show_mask_brackets_the_trained_tokens(chatml_tok):
     ids, labels = chat.tokenize_chat(chatml_tok, [U, A], "assistant")
     shown = chat.show_mask(chatml_tok, ids, labels, colour=False)
     assert shown.endswith("assistant\n[[on the mat.<|im_end|>]]\n")
+
+
+def test_template_errors_are_user_errors(tiny_gpt):
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match="the chat template refuses a conversation: System role not supported"):
+        chat.tokenize_chat(tok, [S, U, A], "assistant")

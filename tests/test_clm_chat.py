@@ -178,7 +178,7 @@ def test_validate_shows_the_mask_and_lists_bad_rows(tiny_gpt, tmp_path):
     code, stdout, stderr = invoke("validate", "--model", tiny_gpt, "--data", good, "--set", "data.chat_template=chatml")
     assert code == 0, stderr
     assert "data.train: 20 examples (messages)" in stdout
-    assert "assistant\n[[" in stdout and "<|im_end|>]]" in stdout
+    assert "<|im_start|>assistant\n    [[" in stdout and "<|im_end|>]]" in stdout
     share = float(stdout.split("loss on ")[1].split("%")[0])
     assert 10 < share < 40, stdout
     lines = [json.dumps(r) for r in conversations(2, seed=1)]

@@ -257,5 +257,6 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         colour = sys.stdout.isatty()
         notes.append(f"loss on {trained / max(1, sum(lengths)):.1%} of the tokens (data.train_on: {d.train_on}); "
                      "the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
-        notes.append(chat.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour))
+        shown = chat.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour).rstrip("\n")
+        notes.append("  " + shown.replace("\n", "\n    "))
     return problems, notes
