@@ -190,9 +190,16 @@ def read_rows(ds, source: str | None) -> list[dict]:
 
 def check_rows(rows: list[dict], fmt: str, spec, key: str, limit: int = 20) -> list[str]:
     """Problems of every row (row numbers count from 1, as lines of the file), at most `limit` listed."""
-    problems = []
+    problems, first_kind = [], None
     for i, row in enumerate(rows, 1):
-        problems += row_problems(row, fmt, spec, f"{key} row {i}")
+        found = row_problems(row, fmt, spec, f"{key} row {i}")
+        if not found and fmt == "prompt_completion":  # one kind per file: the template is set once
+            kind = "lists of messages" if is_chat(fmt, row, spec) else "plain strings"
+            first_kind = first_kind or kind
+            if kind != first_kind:
+                found = [f"{key} row {i}: its prompt and completion are {kind}, earlier rows' are {first_kind}; "
+                         "keep one kind per file"]
+        problems += found
     if len(problems) > limit:
         problems = problems[:limit] + [f"{key}: ... and {len(problems) - limit} more problems"]
     return problems

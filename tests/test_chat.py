@@ -192,3 +192,12 @@ def test_template_errors_are_user_errors(tiny_gpt):
                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(UserError, match="the chat template refuses a conversation: System role not supported"):
         chat.tokenize_chat(tok, [S, U, A], "assistant")
+
+
+def test_prompt_completion_rows_of_both_kinds_are_refused():
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": [U], "completion": [A]}, {"prompt": "", "completion": "x"}]
+    assert chat.check_rows(rows, "prompt_completion", DataSpec(), "data.train") == [
+        "data.train row 2: its prompt and completion are lists of messages, earlier rows' are plain strings; "
+        "keep one kind per file",
+        "data.train row 3: 'prompt' is empty or not a string; give it text",
+    ]
