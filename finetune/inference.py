@@ -54,6 +54,10 @@ def load_for_generation(source: str):
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     return model.eval(), tokenizer, (path / "chat.json").is_file()
 
 
@@ -80,8 +84,8 @@ def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, 
     stops = chat.end_of_turn_ids(tokenizer)
     longest = max(map(len, batch))
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in batch])
-    attention = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in batch])
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in batch], device=model.device)
+    attention = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
     sample = temperature > 0
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,

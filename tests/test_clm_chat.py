@@ -205,3 +205,32 @@ def test_pad_is_eos_without_a_new_embedding_row(tiny_gpt_nopad, toy_text, tmp_pa
     assert tok.pad_token_id == tok.eos_token_id and len(tok) == len(tok0)
     assert model.get_input_embeddings().weight.shape[0] == len(tok0)
     assert torch.isfinite(torch.tensor(losses(out))).all()
+
+
+@pytest.mark.slow
+def test_chain_sft_on_conversations_then_dpo_on_conversational_pairs(tiny_gpt_lm, tmp_path):
+    """The SFT stage's template travels with its merged model: the DPO stage renders its pairs with it."""
+    import yaml
+
+    from finetune.chat import TEMPLATES
+
+    rng = random.Random(0)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": [{"role": "user", "content": random_prompt(rng)}],
+         "chosen": [{"role": "assistant", "content": "on the mat."}],
+         "rejected": [{"role": "assistant", "content": "the dog."}]} for _ in range(64)])
+    recipe = {"model": {"name": tiny_gpt_lm}, "data": {"train": prefs, "max_length": 48},
+              "train": {"output_dir": str(tmp_path / "chain"), "batch_size": 8, "save_steps": 100},
+              "stages": [{"name": "sft", "command": "lora",
+                          "set": {"data.train": chat_data(tmp_path), "data.chat_template": "chatml",
+                                  "train.max_steps": 30, "train.learning_rate": 3e-3}},
+                         {"name": "dpo", "command": "dpo",
+                          "set": {"model.name": "{stages.sft.output}", "train.max_steps": 5}}]}
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(recipe))
+    code, out, err = invoke("chain", tmp_path / "chain.yaml")
+    assert code == 0, err + out
+    from transformers import AutoTokenizer
+
+    dpo_tok = AutoTokenizer.from_pretrained(str(tmp_path / "chain" / "dpo"))
+    assert dpo_tok.chat_template == TEMPLATES["chatml"][0]
+    assert (tmp_path / "chain" / "sft" / "merged" / "chat.json").is_file()
