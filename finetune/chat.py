@@ -148,7 +148,9 @@ def turn_problems(turns: Any, where: str, column: str) -> list[str]:
 
 
 def sharegpt_to_messages(turns: Any, where: str = "") -> tuple[list[dict], list[str]]:
-    """ShareGPT {"from", "value"} turns as {"role", "content"} messages (human -> user, gpt -> assistant)."""
+    """ShareGPT {"from", "value"} turns as {"role", "content"} messages (human -> user, gpt -> assistant).
+    Ours rather than trl's `maybe_convert_to_chatml`, which renames the keys but leaves 'human'/'gpt' as
+    roles and reports nothing: here an unknown speaker is a problem named with its row and turn."""
     if not isinstance(turns, list):
         return [], [f"{where}: 'conversations' must be a list of {{\"from\", \"value\"}} turns"]
     out, problems = [], []

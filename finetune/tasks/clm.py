@@ -42,14 +42,14 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 2. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus; the chat
     #    template for conversations. Pad is eos: labels are masked by position, so no new embedding row.
+    if recipe.method == "pretrain" and fmt != "text" and not recipe.model.tokenizer:
+        raise UserError(f"model.tokenizer: pre-training on {fmt} data needs a tokenizer (with a chat template); "
+                        "set model.tokenizer, or pre-train on a text column")
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
         tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: models.train_bpe_tokenizer(
             train_raw[column], recipe.model.vocab_size))
     else:
         tokenizer = models.load_tokenizer(recipe.model)
-    if recipe.method == "pretrain" and fmt != "text" and not recipe.model.tokenizer:
-        raise UserError(f"model.tokenizer: pre-training on {fmt} data needs a tokenizer (with a chat template); "
-                        "set model.tokenizer, or pre-train on a text column")
     new_tokens = chat.set_template(tokenizer, recipe.data.chat_template) if templated else []
     models.pad_with_eos(tokenizer)
 
