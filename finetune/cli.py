@@ -435,7 +435,7 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """The whole workflow offline in a few minutes: pre-train a small GPT on a built-in corpus,
-    LoRA-fine-tune it on a small task, generate from it."""
+    LoRA-fine-tune it on a small task, generate from it, then chat-fine-tune it and chat."""
 
     def body():
         env_defaults()
