@@ -230,6 +230,12 @@ def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
         shutil.rmtree(out_dir)
     model = run_task(run_dir).load_trained(run_dir)
     merged = merge_adapter(model)
+    if (run_dir / "chat.json").is_file():  # plain transformers `generate` then stops at the end of a turn
+        from transformers import AutoTokenizer
+
+        from finetune.chat import end_of_turn_ids
+
+        merged.generation_config.eos_token_id = end_of_turn_ids(AutoTokenizer.from_pretrained(str(run_dir)))
     merged.save_pretrained(str(out_dir))
     for f in run_dir.iterdir():  # tokenizer / processor files travel with the model
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "preprocessor", "spiece", "chat")):

@@ -58,6 +58,7 @@ def test_loss_counts_answers_only_and_is_learned(chat_run):
     assert curve[-1] < 0.45 and metrics["eval_loss"] < 0.45, (curve, metrics)
     assert json.loads((out / "chat.json").read_text()) == {"format": "messages",
                                                            "end_of_turn": ["<|endoftext|>", "<|im_end|>"]}
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, 301]
 
 
 def test_lora_trains_the_new_template_tokens_and_reloads(lora_chat_run, tiny_gpt_lm):
@@ -118,6 +119,8 @@ def test_chat_on_merged_run(lora_chat_run, tmp_path):
     code, _, stderr = invoke("merge", out, "-o", tmp_path / "merged")
     assert code == 0, stderr
     assert (tmp_path / "merged" / "chat.json").is_file()
+    config = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == [0, 301]  # <|endoftext|> and <|im_end|>: transformers stops at a turn's end
     code, stdout, stderr = invoke("generate", tmp_path / "merged", "red cat dog", "--temperature", "0",
                                   "--max-new-tokens", "12")
     assert code == 0 and stdout.strip() in ANSWERS, (stdout, stderr)

@@ -100,6 +100,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                       callbacks=[training.log_callback(run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
+    if templated and recipe.method != "lora":  # plain transformers `generate` then stops at the end of a turn
+        model.generation_config.eos_token_id = chat.end_of_turn_ids(tokenizer)
     trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
