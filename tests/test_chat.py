@@ -54,8 +54,8 @@ U2, A2 = {"role": "user", "content": "and the dog?"}, {"role": "assistant", "con
 
 def test_chatml_single_turn(chatml_tok):
     ids, labels = chat.tokenize_chat(chatml_tok, [U, A], "assistant")
-    want = expected(chatml_tok, [("<|im_start|>user\nwhere did the red cat sit?<|im_end|>\n<|im_start|>assistant\n", False),
-                                 ("on the mat.<|im_end|>", True), ("\n", False)])
+    prompt = "<|im_start|>user\nwhere did the red cat sit?<|im_end|>\n<|im_start|>assistant\n"
+    want = expected(chatml_tok, [(prompt, False), ("on the mat.<|im_end|>", True), ("\n", False)])
     assert (ids, labels) == want
     im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
     assert [t for t, lab in zip(ids, labels) if lab != -100][-1] == im_end  # the model learns to stop
@@ -82,7 +82,8 @@ def test_llama3_style_template_with_bos_and_headers(llama_tok):
     h = "<|start_header_id|>{}<|end_header_id|>\n\n"
     pieces = [("<|begin_of_text|>" + h.format("system") + "be brief.<|eot_id|>" + h.format("user")
                + "where did the red cat sit?<|eot_id|>" + h.format("assistant"), False),
-              ("on the mat.<|eot_id|>", True), (h.format("user") + "and the dog?<|eot_id|>" + h.format("assistant"), False),
+              ("on the mat.<|eot_id|>", True),
+              (h.format("user") + "and the dog?<|eot_id|>" + h.format("assistant"), False),
               ("on the roof.<|eot_id|>", True)]
     assert (ids, labels) == expected(llama_tok, pieces)
     assert ids.count(llama_tok.bos_token_id) == 1 and ids[0] == llama_tok.bos_token_id  # no double BOS

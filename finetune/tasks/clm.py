@@ -205,8 +205,9 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
                 continue
             empty = [i + 1 for i in D.empty_rows(ds, column)]
             if empty:
-                problems.append(f"{key}: {len(empty)} empty texts (rows {', '.join(map(str, empty[:5]))}"
-                                f"{', ...' if len(empty) > 5 else ''} of '{source}'); remove them (training skips them)")
+                rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+                problems.append(f"{key}: {len(empty)} empty texts (rows {rows} of '{source}'); remove them "
+                                "(training skips them)")
         notes.append(f"{key}: {len(ds)} examples ({fmt.replace('_', '/')})" + (
             "" if d.eval or key == "data.eval" else f", {d.eval_fraction:.0%} held out for evaluation"))
     if fmt == "conversations":
