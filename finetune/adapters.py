@@ -151,7 +151,9 @@ def token_indices(spec: LoraSpec, tokenizer) -> list[int] | None:
 
 
 def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None,
-                tokenizer=None):
+                tokenizer=None, trainable_tokens: list[int] | None = None):
+    """`trainable_tokens`: embedding rows that train too (tokens a chat template added), besides
+    lora.trainable_tokens."""
     from peft import LoraConfig
 
     targets = target_modules(model, spec)
@@ -163,7 +165,8 @@ def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: l
                       modules_to_save=keep, task_type=task_type, fan_in_fan_out=uses_conv1d(model, targets),
                       use_dora=spec.use_dora, use_rslora=spec.use_rslora, init_lora_weights=init,
                       layers_to_transform=spec.layers_to_transform,
-                      trainable_token_indices=token_indices(spec, tokenizer))
+                      trainable_token_indices=sorted({*(token_indices(spec, tokenizer) or []),
+                                                      *(trainable_tokens or [])}) or None)
 
 
 def embedding_rows(model) -> int | None:
@@ -180,13 +183,14 @@ def quantized_bits(model) -> int | None:
 
 
 def apply_lora(model, spec: LoraSpec, task_type: str | None, modules_to_save: list[str] | None = None,
-               tokenizer=None):
+               tokenizer=None, trainable_tokens: list[int] | None = None):
     """Wrap `model` with a fresh LoRA adapter; the base weights are frozen. `tokenizer` resolves
-    lora.trainable_tokens given as strings."""
+    lora.trainable_tokens given as strings; `trainable_tokens`: embedding rows that train too (tokens
+    a chat template added), saved with the adapter."""
     import torch
     from peft import get_peft_model
 
-    config = lora_config(model, spec, task_type, modules_to_save, tokenizer)
+    config = lora_config(model, spec, task_type, modules_to_save, tokenizer, trainable_tokens)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     problems = variant_problems(spec, "lora", quantized_bits(model), getattr(model.config, "model_type", ""),
                                 getattr(text, "num_hidden_layers", None), embedding_rows(model),

@@ -293,20 +293,58 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
 @app.command()
 def generate(
     model: Annotated[str, typer.Argument(help="A run directory (adapter or full model) or a model directory / Hub id.")],
-    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue, or the user's message for a run "
+                                                        "trained on conversations.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="A .jsonl of `prompt` strings or `messages` "
+                                                                "conversations: generate for every row.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --data: the .jsonl to write.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain text even for a chat run: no chat template.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --data: prompts per batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.8,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     debug: DebugOpt = False,
 ) -> None:
-    """Continue a prompt with a trained run or any causal LM."""
+    """Continue a prompt with a trained run or any causal LM; runs trained on conversations answer it as a
+    user message (their chat template applied)."""
+
+    def body():
+        if (prompt is None) == (data is None):
+            raise UserError("generate: give a prompt or --data FILE (not both)")
+        if data is not None and output is None:
+            raise UserError("--output: with --data, name the .jsonl to write (-o out.jsonl)")
+        env_defaults()
+        from finetune.inference import generate_file, generate_text
+
+        if prompt is not None:
+            typer.echo(generate_text(model, prompt, max_new_tokens, temperature, top_p, seed, raw))
+            return
+        stats = generate_file(model, data, output, batch_size, max_new_tokens, temperature, top_p, seed, raw)
+        typer.echo(f"{stats['rows']} rows -> {output}: {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s "
+                   f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s, "
+                   f"{stats['rows'] / max(stats['seconds'], 1e-9):.1f} rows/s)")
+
+    guarded(debug, body)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A run trained on conversations, or a chat model's directory / Hub id.")],
+    system: Annotated[Optional[str], typer.Option("--system", help="A system prompt to start with.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    debug: DebugOpt = False,
+) -> None:
+    """Chat with a run in the terminal: history kept, answers streamed, /system TEXT, /reset, /quit."""
 
     def body():
         env_defaults()
-        from finetune.inference import generate_text
+        from finetune.inference import chat_session
 
-        typer.echo(generate_text(model, prompt, max_new_tokens, temperature, top_p, seed))
+        chat_session(model, max_new_tokens, temperature, top_p, seed, system)
 
     guarded(debug, body)
 
@@ -349,7 +387,7 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """The whole workflow offline in a few minutes: pre-train a small GPT on a built-in corpus,
-    LoRA-fine-tune it on a small task, generate from it."""
+    LoRA-fine-tune it on a small task, generate from it, then chat-fine-tune it and chat."""
 
     def body():
         env_defaults()

@@ -119,9 +119,11 @@ def load_folder(path: Path, key: str):
     return datasets.load_dataset(suffixes.pop(), data_files=[str(p) for p in data_files], split="train")
 
 
-def load_splits(spec: DataSpec, seed: int = 42):
-    """(train, eval) datasets; eval is held out of train when `spec.eval` is unset."""
-    train = load_source(spec.train, "data.train", spec.train_split, spec.config)
+def load_splits(spec: DataSpec, seed: int = 42, train=None):
+    """(train, eval) datasets; eval is held out of train when `spec.eval` is unset. `train`: the
+    train source already loaded."""
+    if train is None:
+        train = load_source(spec.train, "data.train", spec.train_split, spec.config)
     if spec.eval:
         eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation", spec.config)
     elif spec.eval_split:
@@ -165,6 +167,27 @@ def load_text_splits(spec: DataSpec, seed: int = 42):
     return train, eval_ds
 
 
+def load_causal_splits(spec: DataSpec, seed: int = 42):
+    """(train, eval, format) of the causal-LM task. Text data as `load_text_splits`; chat and
+    prompt/completion data checked row by row first (every bad row at once, numbered as in the file)."""
+    from finetune import chat
+
+    train = load_source(spec.train, "data.train", spec.train_split, spec.config)
+    fmt = chat.detect_format(train.column_names, spec)
+    if fmt == "text":
+        return (*load_text_splits(spec, seed), fmt)
+    problems = chat.check_rows(chat.read_rows(train, spec.train), fmt, spec, "data.train")
+    train, eval_ds = load_splits(spec, seed, train)
+    if spec.eval and eval_ds is not None:
+        problems += chat.check_rows(chat.read_rows(eval_ds, spec.eval), fmt, spec, "data.eval")
+    if problems:
+        raise UserError(problems + ["data: `finetune validate` lists these rows too; fix them and run again"])
+    if fmt == "conversations":
+        print("note: ShareGPT 'conversations' mapped to messages (from human -> role user, gpt -> assistant, "
+              "value -> content)", flush=True)
+    return train, eval_ds, fmt
+
+
 def require_columns(ds, columns: dict[str, str], source: str) -> None:
     """`columns` maps recipe key -> column name; one problem per missing column."""
     problems = []
@@ -191,16 +214,18 @@ def drop_empty(ds, column: str):
 def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: bool):
     """Token ids per document with eos appended (so the model learns to stop).
 
+    Texts are tokenized as `generate` tokenizes a prompt (the tokenizer's special tokens, so BOS for
+    Llama-family models), so that the model trains on what it is prompted with.
     Documents longer than `max_length` are cut to it, or, with `split_long` (packing), split
     into consecutive pieces of at most `max_length` tokens, so no text is lost.
     """
     eos = tokenizer.eos_token_id
 
     def encode(batch):
-        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch[column])["input_ids"]
         out = []
         for doc in ids:
-            doc = doc + [eos] if eos is not None else doc
+            doc = doc + [eos] if eos is not None and doc[-1:] != [eos] else doc
             if split_long:
                 out.extend(doc[i:i + max_length] for i in range(0, len(doc), max_length))
             else:
@@ -208,6 +233,36 @@ def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: 
         return {"input_ids": out}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+
+
+def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int):
+    """input_ids and labels per prompt/completion or conversation row (labels -100 outside the trained
+    tokens, see `finetune.chat`). Longer rows are cut to `max_length` (a conversation split in two would
+    train answers without their question); rows left with nothing to train on are dropped, with a warning."""
+    from finetune import chat
+
+    specials = chat.special_ids(tokenizer)
+
+    def encode(batch):
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+            if fmt == "prompt_completion" and not chat.is_chat(fmt, row, spec):
+                ids, labels = chat.tokenize_prompt_completion(tokenizer, row[spec.prompt_column],
+                                                              row[spec.completion_column], spec.train_on)
+            else:
+                messages, n_prompt = chat.to_messages(row, fmt, spec)
+                ids, labels = chat.tokenize_chat(tokenizer, messages, spec.train_on, n_prompt, specials)
+            if any(t != -100 for t in labels[:max_length]):
+                out["input_ids"].append(ids[:max_length])
+                out["labels"].append(labels[:max_length])
+        return out
+
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing conversations")
+    lost = len(ds) - len(tokenized)
+    if lost:
+        print(f"warning: {lost} examples have no trained token within data.max_length={max_length} and are "
+              "skipped; raise data.max_length", flush=True)
+    return tokenized
 
 
 def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -236,6 +291,7 @@ def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
 def packed_dataset(tokenized, max_length: int):
     """Rows of several whole documents: input_ids, position_ids restarting at 0 per document,
     and labels with each document's first token masked (never predicted from the previous one).
+    Documents with their own labels (chat masks) keep them.
 
     transformers builds a block-diagonal causal mask from position_ids that restart, as long
     as no attention_mask is passed and the model runs without a cache (use_cache=False).
@@ -243,6 +299,7 @@ def packed_dataset(tokenized, max_length: int):
     import datasets
 
     docs = tokenized["input_ids"]
+    masks = tokenized["labels"] if "labels" in tokenized.column_names else docs
     rows: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "labels": []}
     for group in pack_documents([len(d) for d in docs], max_length):
         ids, pos, labels = [], [], []
@@ -250,7 +307,7 @@ def packed_dataset(tokenized, max_length: int):
             doc = docs[i]
             ids += doc
             pos += list(range(len(doc)))
-            labels += [-100] + doc[1:]
+            labels += [-100] + masks[i][1:]
         rows["input_ids"].append(ids)
         rows["position_ids"].append(pos)
         rows["labels"].append(labels)

@@ -110,6 +110,14 @@ def ensure_pad_token(tokenizer, model=None) -> bool:
     return added
 
 
+def pad_with_eos(tokenizer) -> None:
+    """Causal-LM training: eos doubles as pad when the tokenizer has none. Labels are masked by position
+    (finetune's collator), so eos stays trained, and no embedding row is added (a new row would make a LoRA
+    adapter carry the whole embedding matrix and the merged model differ from the base vocabulary)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def torch_dtype(name: str):
     import torch
 

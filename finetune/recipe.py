@@ -61,6 +61,12 @@ class DataSpec(Spec):
     max_length: int | None = Field(None, gt=1)  # tokens per example (unset: the model's context, at most 1024);
     # longer examples are cut, or split when packing (validate counts them)
     packing: bool = False  # clm: pack short documents into full blocks, boundaries respected
+    format: Literal["auto", "text", "prompt_completion", "messages", "conversations"] = "auto"  # auto: by columns
+    prompt_column: str = "prompt"  # prompt_completion: strings, or lists of {role, content} messages
+    completion_column: str = "completion"
+    messages_column: str = "messages"  # lists of {role, content} turns (ShareGPT `conversations` also detected)
+    chat_template: str | None = None  # unset: the tokenizer's; chatml, llama-3, mistral, gemma, phi, or a .jinja file
+    train_on: Literal["assistant", "completion", "last_assistant", "all"] = "assistant"  # tokens that carry the loss
 
 
 class LoraSpec(Spec):

@@ -59,8 +59,10 @@ def test_missing_text_column_lists_columns(tiny_gpt, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 10)
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", data, "-o", str(tmp_path / "r"))
     assert code == 2
-    assert errors(stderr) == [f"error: data.text_column: no column 'text' in data.train '{data}'; its columns are: "
-                              "prompt, response. Set data.text_column to one of them"]
+    assert errors(stderr) == [f"error: data.train '{data}': no column for any format; its columns are: prompt, "
+                              "response. Provide 'text' (plain text), 'prompt' and 'completion', or 'messages' "
+                              "(role/content turns); or set data.text_column, data.prompt_column, "
+                              "data.completion_column or data.messages_column to yours"]
     assert not (tmp_path / "r").exists()
 
 
@@ -151,8 +153,8 @@ def test_validate_reports_every_problem_at_once(tiny_gpt_nopad, tmp_path):
     code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", write_jsonl(
         tmp_path / "ok.jsonl", [{"text": "the cat sat on the mat."}] * 20), "--set", "data.max_length=4")
     assert code == 0, stderr
-    assert "no pad token distinct from eos; finetune adds '<|pad|>'" in stdout
-    assert "20 texts (100.0%) exceed data.max_length=4" in stdout
+    assert "<|pad|>" not in stdout  # eos pads causal-LM training: nothing to add
+    assert "20 examples (100.0%) exceed data.max_length=4 and will be cut (data.packing: true splits them" in stdout
     assert "\ndata: ok\n" in stdout
 
 
