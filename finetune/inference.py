@@ -107,6 +107,8 @@ def generate_text(source: str, prompt: str, max_new_tokens: int, temperature: fl
     templated = templated and not raw
     set_seed(seed)
     ids = prompt_ids(tokenizer, prompt, templated)
+    if not ids:  # no BOS to start from, and no text
+        raise UserError("prompt: empty; give some text to continue, for example finetune generate RUN \"Once upon a time\"")
     new = generate_ids(model, tokenizer, [ids], max_new_tokens, temperature, top_p)[0]
     if templated:
         return tokenizer.decode(new, skip_special_tokens=True)

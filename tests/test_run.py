@@ -386,3 +386,10 @@ def test_sigterm_in_a_two_process_run_resumes_bit_exact(tiny_gpt, toy_text, tmp_
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from checkpoint-{step} (step {step})" in resumed.stdout
     assert_same_weights(out, whole)
+
+
+def test_generate_with_an_empty_prompt_is_refused(tiny_gpt):
+    code, _, stderr = invoke("generate", tiny_gpt, "")
+    assert code == 2
+    assert errors(stderr) == ['error: prompt: empty; give some text to continue, for example finetune generate RUN '
+                              '"Once upon a time"']
