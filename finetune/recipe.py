@@ -68,7 +68,7 @@ class DataSpec(Spec):
     max_samples: int | None = Field(None, gt=0)  # cap on training examples (debugging)
     max_length: int | None = Field(None, gt=1)  # tokens per example (unset: the model's context, at most 1024);
     # longer examples are cut, or split when packing (validate counts them)
-    packing: bool = False  # clm: pack short documents into full blocks, boundaries respected
+    packing: bool | None = None  # unset: clm packs (exact: packed documents never see each other), mlm does not
 
 
 class LoraSpec(Spec):
@@ -107,6 +107,8 @@ class TrainSpec(Spec):
     save_total_limit: int | None = Field(2, gt=0)
     bf16: bool = False
     fp16: bool = False
+    group_by_length: bool | None = None  # batch texts of similar length (less padding); unset: mlm, translation,
+    # unpacked clm yes; classification no (where length follows the label, batches would hold one class)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     auto_batch_size: bool = False  # on out-of-memory: halve batch_size, double grad_accum, start again
     num_processes: int = Field(1, gt=0)  # data-parallel processes through accelerate, on all machines together

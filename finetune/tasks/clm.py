@@ -49,7 +49,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     model.config.use_cache = False
 
     # 4. Tokenize: eos after every document; packing fills blocks of max_length with whole documents.
-    packing = recipe.data.packing
+    packing = packs(recipe)
     train_ds = D.tokenize_documents(train_raw, tokenizer, column, max_length, split_long=packing)
     eval_ds = D.tokenize_documents(eval_raw, tokenizer, column, max_length, split_long=packing) if eval_raw else None
     if packing:
@@ -81,6 +81,12 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
     training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
+
+
+def packs(recipe: Recipe) -> bool:
+    """Packing is the default: the same logits as one text per row (position_ids restart per
+    text), and on short texts about twice the useful tokens/s of padding (BENCHMARKS.md)."""
+    return recipe.data.packing is not False
 
 
 def usage(run_dir: Path, recipe: Recipe) -> str:
@@ -167,7 +173,10 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         notes.append("tokens per text: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
                      + f" (max_length {max_length}, model context {models.context_length(config)})")
         too_long = sum(n > max_length for n in lengths)
-        if too_long and not recipe.data.packing:
+        if too_long and not packs(recipe):
             notes.append(f"{too_long} texts ({too_long / len(lengths):.1%}) exceed data.max_length={max_length} "
                          "and will be cut (data.packing: true splits them instead)")
+        if packs(recipe):
+            notes.append(f"packing: whole texts packed into rows of {max_length} tokens (exact: each text sees only "
+                         "itself; texts longer than that are split); data.packing: false pads each batch instead")
     return problems, notes
