@@ -148,12 +148,18 @@ def test_validate_reports_every_problem_at_once(tiny_gpt_nopad, tmp_path):
     assert errors(stderr) == [f"error: data.train: 2 empty texts (rows 21, 22 of '{data}'); remove them "
                               "(training skips them)"]
     assert "recipe: ok" in stdout
-    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", write_jsonl(
-        tmp_path / "ok.jsonl", [{"text": "the cat sat on the mat."}] * 20), "--set", "data.max_length=4")
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"text": "the cat sat on the mat."}] * 20)
+    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", ok, "--set", "data.max_length=4")
     assert code == 0, stderr
     assert "no pad token distinct from eos; finetune adds '<|pad|>'" in stdout
-    assert "20 texts (100.0%) exceed data.max_length=4" in stdout
+    assert "packing: whole texts packed into rows of 4 tokens (exact" in stdout  # the default
+    assert "exceed data.max_length" not in stdout  # packing splits long texts instead of cutting them
     assert "\ndata: ok\n" in stdout
+    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", ok, "--set", "data.max_length=4",
+                                  "--set", "data.packing=false")
+    assert code == 0, stderr
+    assert "20 texts (100.0%) exceed data.max_length=4" in stdout
+    assert "packing: whole texts" not in stdout
 
 
 def test_validate_refuses_max_length_beyond_context(tiny_gpt, toy_text):
