@@ -44,7 +44,7 @@ def batches_longest(docs, max_length, batch_size, pad_id):
     collate = CausalCollator(pad_id)
     for i in range(0, len(docs), batch_size):
         batch = collate([{"input_ids": d[:max_length]} for d in docs[i:i + batch_size]])
-        yield batch, int(batch["attention_mask"].sum())
+        yield batch, int((batch["input_ids"] != pad_id).sum())
 
 
 def batches_packed(docs, max_length, batch_size, pad_id):

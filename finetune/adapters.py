@@ -1,8 +1,12 @@
 """LoRA through peft: which modules to adapt per architecture, what stays trainable, merging, and
 peft's LoRA variants (DoRA, rsLoRA, PiSSA/OLoRA/LoftQ initialisation, chosen layers, trainable token rows).
 
-peft knows default target modules for many decoders; for the rest (ViT, VisionEncoderDecoder,
-custom models) `DEFAULT_TARGETS` names them, and `all-linear` is the last resort.
+The default is every linear layer of the blocks, attention and MLP alike: the QLoRA paper and "LoRA
+Without Regret" (Schulman et al., 2025) find that adapting the MLPs matters most and that
+attention-only LoRA (peft's own defaults, query/value) learns less at the same rank.
+`DEFAULT_TARGETS` names the layers where peft's `all-linear` would pick the wrong set (Conv1D in
+GPT-2, ViT and VisionEncoderDecoder, encoders whose pooler or head is a plain Linear); every other
+model gets `all-linear`, which leaves out the output head (LM head or classifier).
 
 Every variant is checked against the model and the method before weights load (`lora_problems`, from the
 model's config) and again against the loaded model (`apply_lora`), so peft's own errors, raised deep
@@ -27,14 +31,21 @@ INIT_TASKS = {"pissa": ("clm",), "olora": ("clm",),
 VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default", "layers_to_transform": None,
                     "trainable_tokens": None}
 
-# model_type -> LoRA target module names, where peft has none or where we want more than its default.
+# BERT-style encoders: query, key, value, attention output, MLP in and out. Not the pooler (`pooler.dense`)
+# nor RoBERTa's head (`classifier.dense`), which the classification task trains in full when they are new.
+BERT_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+# model_type -> LoRA target module names, where `all-linear` is not the right set.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (fan_in_fan_out=True)
-    # encoders peft has no default for; attention query and value, as peft's BERT/RoBERTa default
-    "distilbert": ["q_lin", "v_lin"],
-    "albert": ["query", "value"],
-    "camembert": ["query", "value"],
-    "modernbert": ["Wqkv"],
+    "bert": BERT_LINEAR,
+    "roberta": BERT_LINEAR,
+    "xlm-roberta": BERT_LINEAR,
+    "camembert": BERT_LINEAR,
+    "electra": BERT_LINEAR,
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "albert": ["query", "key", "value", "attention.dense", "ffn", "ffn_output"],
+    "modernbert": ["Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"],
     # ViT in transformers 5 (layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.{fc1,fc2}); the task keeps
     # the classification head trainable and saved (modules_to_save).
     "vit": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"],
@@ -49,14 +60,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 def target_modules(model, spec: LoraSpec) -> list[str] | str:
     if spec.target_modules is not None:
         return spec.target_modules
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
-    if model_type in PEFT_DEFAULTS:
-        return list(PEFT_DEFAULTS[model_type])
-    return "all-linear"
+    return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 
 
 def uses_conv1d(model, targets) -> bool:

@@ -23,9 +23,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: rich's panels cost more start-up than the rest of `finetune --help` together
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipes_app = typer.Typer(help="List, show and copy the built-in recipes.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show and copy the built-in recipes.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(recipes_app, name="recipes")
 
 

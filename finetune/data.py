@@ -316,8 +316,15 @@ def packed_dataset(tokenized, max_length: int):
 
 class CausalCollator:
     """Pads a batch on the right. Labels are masked by position (padding only), never by token id,
-    so an eos inside the text is always learned. Packed rows get no attention_mask (their
-    position_ids carry the document boundaries); padding then continues as a separate segment.
+    so an eos inside the text is always learned; labels given per example (a loss mask) are kept.
+
+    No attention_mask is returned. With right padding no real token attends to a later pad, so
+    the logits of every real token are the same with or without one, and padded positions carry
+    no loss. Without a mask the model runs plain causal attention (SDPA's `is_causal` kernels on
+    GPU) instead of building a 4-D padding mask per layer. Packed rows carry position_ids that
+    restart per document (transformers builds the block-diagonal mask from them); their padding
+    then continues as a separate segment. Unpacked rows get no position_ids: the default 0..n-1
+    is right for right padding.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -332,7 +339,8 @@ class CausalCollator:
             longest = -(-longest // self.multiple) * self.multiple
         packed = "position_ids" in features[0]
         batch: dict[str, list] = {"input_ids": [], "labels": []}
-        batch["position_ids" if packed else "attention_mask"] = []
+        if packed:
+            batch["position_ids"] = []
         for f in features:
             ids = list(f["input_ids"])
             pad = longest - len(ids)
@@ -341,8 +349,6 @@ class CausalCollator:
             batch["labels"].append(labels + [-100] * pad)
             if packed:
                 batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
-            else:
-                batch["attention_mask"].append([1] * len(ids) + [0] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 

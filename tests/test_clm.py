@@ -203,7 +203,36 @@ def test_collator_keeps_eos_in_labels_when_pad_equals_eos():
 
     batch = CausalCollator(pad_token_id=0)([{"input_ids": [5, 6, 0]}, {"input_ids": [7]}])
     assert batch["labels"].tolist() == [[5, 6, 0], [7, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0]]
+    assert set(batch) == {"input_ids", "labels"}  # right padding needs no attention mask
+
+
+def test_collator_keeps_labels_given_per_example():
+    from finetune.data import CausalCollator
+
+    batch = CausalCollator(pad_token_id=9)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8]}])
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_right_padded_batch_without_mask_gives_the_same_logits_and_loss(tiny_gpt):
+    """Dropping the attention mask of a right-padded causal batch changes nothing a real token sees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data import CausalCollator
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()
+    docs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in toy_sentences(4, seed=3)]
+    docs[1] = docs[1][:3]  # a short one: most of its row is padding
+    batch = CausalCollator(tok.pad_token_id)([{"input_ids": d} for d in docs])
+    mask = (torch.arange(batch["input_ids"].shape[1])[None, :] < torch.tensor([len(d) for d in docs])[:, None]).long()
+    with torch.no_grad():
+        without = model(**batch)
+        masked = model(**batch, attention_mask=mask)
+    assert not torch.equal(batch["input_ids"] * mask, batch["input_ids"])  # there is padding
+    for row, doc in enumerate(docs):
+        assert torch.allclose(without.logits[row, :len(doc)], masked.logits[row, :len(doc)], atol=1e-5)
+    assert torch.allclose(without.loss, masked.loss, atol=1e-6)
 
 
 def test_written_jsonl_with_other_columns(tiny_gpt, tmp_path):

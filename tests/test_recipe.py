@@ -81,6 +81,10 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_defaults_depend_on_method():
     assert build_recipe(BASE).learning_rate == 2e-4
     assert build_recipe({**BASE, "method": "full"}).learning_rate == 5e-5
+    # LoRA on an encoder task: 10x the full fine-tuning rate
+    assert build_recipe({**BASE, "task": "classification", "classification": {}}).learning_rate == 5e-4
+    assert build_recipe({**BASE, "task": "classification", "classification": {},
+                         "method": "full"}).learning_rate == 5e-5
     assert str(build_recipe(BASE).output_dir) == "runs/gpt2-clm-lora"
 
 

@@ -70,8 +70,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 4. Tokenize: text with eos after every document; other formats with labels -100 outside the trained
     #    tokens. Packing fills blocks of max_length with whole examples, masks carried along.
-    packing = recipe.data.packing
-    train_ds, eval_ds = (tokenize(ds, tokenizer, recipe, fmt, max_length) if ds is not None else None
+    packing = packs(recipe, model.config)
+    train_ds, eval_ds = (tokenize(ds, tokenizer, recipe, fmt, max_length, packing) if ds is not None else None
                          for ds in (train_raw, eval_raw))
     if packing:
         train_ds = D.packed_dataset(train_ds, max_length)
@@ -133,10 +133,19 @@ def uses_template(fmt: str, train_raw, recipe: Recipe) -> bool:
     return fmt in ("messages", "conversations") or chat.is_chat(fmt, train_raw[0], recipe.data)
 
 
-def tokenize(ds, tokenizer, recipe: Recipe, fmt: str, max_length: int):
+def tokenize(ds, tokenizer, recipe: Recipe, fmt: str, max_length: int, packing: bool):
     if fmt == "text":
-        return D.tokenize_documents(ds, tokenizer, recipe.data.text_column, max_length, split_long=recipe.data.packing)
+        return D.tokenize_documents(ds, tokenizer, recipe.data.text_column, max_length, split_long=packing)
     return D.tokenize_examples(ds, tokenizer, recipe.data, fmt, max_length)
+
+
+def packs(recipe: Recipe, config=None) -> bool:
+    """Packing is the default: the same logits as one example per row (position_ids restart per
+    example), and on short texts about twice the useful tokens/s of padding (BENCHMARKS.md). Models
+    whose layers cannot keep packed examples apart pad instead, unless data.packing asks (refused)."""
+    if recipe.data.packing is not None:
+        return recipe.data.packing
+    return getattr(config, "model_type", None) not in NO_PACKING
 
 
 def usage(run_dir: Path, recipe: Recipe) -> str:
@@ -243,7 +252,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         return problems + e.problems, notes
     sample = train_raw.select(range(min(len(train_raw), 10_000 if fmt == "text" else 1_000)))
     try:
-        tokenized = tokenize(sample, tokenizer, recipe, fmt, 10 ** 9)
+        tokenized = tokenize(sample, tokenizer, recipe, fmt, 10 ** 9, packs(recipe, config))
     except UserError as e:
         return problems + e.problems, notes
     lengths = [len(ids) for ids in tokenized["input_ids"]]
@@ -252,10 +261,13 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
                  + f" (max_length {max_length}, model context {models.context_length(config)})")
     too_long = sum(n > max_length for n in lengths)
     if too_long:
-        fate = "split" if fmt == "text" and d.packing else "cut"
+        fate = "split" if fmt == "text" and packs(recipe, config) else "cut"
         notes.append(f"{too_long} examples ({too_long / len(lengths):.1%}) exceed data.max_length={max_length} and "
-                     f"will be {fate}" + (" (data.packing: true splits them instead)" if fmt == "text" and not d.packing
-                                          else ""))
+                     f"will be {fate}" + (" (data.packing: true splits them instead)"
+                                          if fmt == "text" and not packs(recipe, config) else ""))
+    if packs(recipe, config):
+        notes.append(f"packing: whole examples packed into rows of {max_length} tokens (exact: each sees only "
+                     "itself); data.packing: false pads each batch instead")
     if fmt != "text":
         trained = sum(t != -100 for labels in tokenized["labels"] for t in labels)
         colour = sys.stdout.isatty()
