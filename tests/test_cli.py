@@ -160,8 +160,8 @@ def test_validate_reports_every_problem_at_once(tiny_gpt_nopad, tmp_path):
     code, stdout, stderr = invoke("validate", "--model", tiny_gpt_nopad, "--data", ok, "--set", "data.max_length=4",
                                   "--set", "data.packing=false")
     assert code == 0, stderr
-    assert "20 texts (100.0%) exceed data.max_length=4" in stdout
-    assert "packing: whole texts" not in stdout
+    assert "20 examples (100.0%) exceed data.max_length=4 and will be cut (data.packing: true splits them" in stdout
+    assert "packing: whole examples" not in stdout
 
 
 def test_validate_refuses_max_length_beyond_context(tiny_gpt, toy_text):
