@@ -25,7 +25,7 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_gpt_lm, tmp_path):
     code, out, err = invoke("lora", "--model", tiny_gpt_lm, "--data", train, "--eval-data", evals, "-o", run,
                             "--max-steps", "20", "--set", "train.eval_steps=1", "--set", "train.logging_steps=1",
                             "--set", "train.early_stopping_patience=2", "--set", "train.learning_rate=1e-2",
-                            "--set", "train.batch_size=8")
+                            "--set", "train.batch_size=8", "--set", "train.warmup=0")
     assert code == 0, err
     log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
     losses = [r["eval_loss"] for r in log if "eval_loss" in r]
