@@ -187,7 +187,7 @@ def chat_step(out: Path, pre_dir: Path, chat_dir: Path, overwrite: bool = False)
     metrics = execute(recipe, overwrite=overwrite)
     model, tokenizer, _ = load_for_generation(str(chat_dir))
     right = asked = 0
-    for a in HELD_OUT[:3]:
+    for a in HELD_OUT:
         history: list[dict] = []
         print(f"  --- a chat about the {a}", flush=True)
         for kind in ("sound", "food"):
