@@ -3,11 +3,13 @@ recipe, the per-step log, resume, metrics, the model card and the closing summar
 
 A run directory explains itself:
 
+    run.json         the marker of a finetune run: task, method, base, status, step (rundir.py)
     recipe.yaml      the resolved recipe; `finetune <method> DIR/recipe.yaml` runs it again
-    log.jsonl        one line per logging step (step, loss, learning rate, grad norm, tokens/s)
-    metrics.json     final numbers
+    log.jsonl        one line per logging step (step, loss, learning rate, grad norm, tokens/s, time)
+    metrics.json     final numbers, for the whole run across resumes (strict JSON)
     README.md        model card: base, data, recipe, metrics, how to use it
-    checkpoints/     what --resume continues from
+    chat.json        runs trained on conversations: the data format and template `generate`/`chat` apply
+    checkpoints/     what --resume continues from, each with a manifest.json (checkpoints.py)
     <model files>    adapter_model.safetensors + adapter_config.json (LoRA) or model.safetensors
 """
 
