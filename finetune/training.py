@@ -322,9 +322,9 @@ def print_summary(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], next_s
             if k.endswith("_params"):
                 v = f"{v:,}"
             elif isinstance(v, float):
-                v = f"{v:.4g}"
+                v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
             lines.append(f"  {k:<18} {v}")
-    lines.append(f"  {'files':<18} {run_dir}/{{recipe.yaml, metrics.json, log.jsonl, README.md, checkpoints/}}")
+    lines.append(f"  {'files':<18} {run_dir}/{{run.json, recipe.yaml, metrics.json, log.jsonl, README.md, checkpoints/}}")
     if next_steps:
         lines.append("next:")
         lines += [f"  {s}" for s in next_steps]
