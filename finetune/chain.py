@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from finetune.checkpoints import complete_checkpoints
+from finetune.checkpoints import latest
 from finetune.errors import Stopped, UserError, did_you_mean
 from finetune.recipe import Recipe, build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
 from finetune.run import execute
@@ -334,7 +334,7 @@ def run_chain(chain: Chain, resume: bool = False, overwrite: bool = False) -> li
             metrics = json.loads((run_dir / "metrics.json").read_text())
             summary.append(stage_summary(stage.name, stage.command, recipe, metrics, None))
             continue
-        continue_run = resume and not upstream_ran and bool(complete_checkpoints(run_dir))
+        continue_run = resume and not upstream_ran and latest(run_dir) is not None
         if continue_run:
             check_unchanged(stage.name, recipe)
         # an interrupted stage without a checkpoint, or one whose input changed, is replaced, through

@@ -9,6 +9,7 @@ takes the newest complete checkpoint and says which one, and why it skipped any 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -65,15 +66,32 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, or None when it is complete."""
+    """Why `checkpoint` cannot be resumed from, or None when it is complete. The answer is remembered for
+    as long as no file of the checkpoint changes (size or modification time), so that pre-flight, the task's
+    resume and the end of a run do not hash the same files again."""
+    try:
+        state = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in checkpoint.rglob("*") if p.is_file()))
+    except OSError:  # a file went away while looking
+        return verify(checkpoint)
+    return remembered(checkpoint, state)
+
+
+@functools.lru_cache(maxsize=64)
+def remembered(checkpoint: Path, state: tuple) -> str | None:
+    return verify(checkpoint)
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Every file of the manifest present, of its size and checksum, safetensors readable."""
     manifest = checkpoint / MANIFEST
     if not manifest.is_file():
         return "no manifest.json (it was still being written)"
     try:
-        files = json.loads(manifest.read_text())["files"]
+        listed = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError):
         return "manifest.json is damaged"
-    for name, entry in files.items():
+    for name, entry in listed.items():
         p = checkpoint / name
         if not p.is_file():
             return f"{name} is missing"
@@ -86,20 +104,16 @@ def problem(checkpoint: Path) -> str | None:
     return None
 
 
-def step_of(checkpoint: Path | str) -> int:
-    """The step (or iteration) a checkpoint-N was saved at."""
-    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+def checkpoint_step(checkpoint: str | Path | None) -> int | None:
+    """The step (or iteration) in a checkpoint's name (checkpoint-500 -> 500); None for None or another name."""
+    step = Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(step) if step.isdigit() else None
 
 
 def candidates(run_dir: Path) -> list[Path]:
     """checkpoint-N directories of a run, oldest first."""
-    found = [d for d in (run_dir / "checkpoints").glob("checkpoint-*")
-             if d.is_dir() and d.name.rsplit("-", 1)[-1].isdigit()]
-    return sorted(found, key=step_of)
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    return [d for d in candidates(run_dir) if problem(d) is None]
+    found = [d for d in (run_dir / "checkpoints").glob("checkpoint-*") if d.is_dir() and checkpoint_step(d) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest(run_dir: Path, report: bool = False) -> Path | None:
@@ -108,7 +122,7 @@ def latest(run_dir: Path, report: bool = False) -> Path | None:
         why = problem(d)
         if why is None:
             if report:
-                print(f"resuming from {d.name} (step {step_of(d)})", flush=True)
+                print(f"resuming from {d.name} (step {checkpoint_step(d)})", flush=True)
             return d
         if report:
             print(f"warning: skipping {d.name}: {why}; falling back to an earlier checkpoint", flush=True)

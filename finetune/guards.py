@@ -75,7 +75,8 @@ def installed():
 
 
 def agreed(local: int | None, device=None) -> int | None:
-    """The signal any rank received (max over ranks), so that all stop at the same step."""
+    """The largest `local` over the ranks (the signal any rank received, a flag any rank raised), so that all
+    ranks decide alike; 0 and None read as nothing."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -92,19 +93,13 @@ def agreed(local: int | None, device=None) -> int | None:
 def all_finite(tensors, device=None) -> bool:
     """Whether every tensor is finite, on every rank."""
     import torch
-    import torch.distributed as dist
 
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
     # one fused reduction per device instead of a check per tensor; a norm that overflows to inf
     # means gradients beyond 1e19, a divergence all the same
-    ok = bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)])).all()) if local else True
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([0 if ok else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        ok = not flag.item()
-    return ok
+    norms = torch._foreach_norm(local) if local else []
+    ok = bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()) if norms else True
+    return not agreed(0 if ok else 1, device)
 
 
 def guard_callback(patience: int = 0):

@@ -36,7 +36,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, pad, selective_log_softmax
 
 from finetune import guards
-from finetune.checkpoints import write_manifest
+from finetune.checkpoints import checkpoint_step, write_manifest
 from finetune.ppo_math import (gae, kl_k1, masked_mean, masked_whiten, policy_loss, positions, prompt_indices,
                                response_mask, token_rewards, value_loss)
 from finetune.recipe import PpoSpec, TrainSpec
@@ -327,7 +327,6 @@ class PpoTrainer:
 
     def prune_checkpoints(self, root: Path) -> None:
         limit = self.train_spec.save_total_limit
-        from finetune.training import checkpoint_step
 
         found = sorted((checkpoint_step(d), d) for d in root.glob("checkpoint-*") if checkpoint_step(d) is not None)
         for _, d in (found[:-limit] if limit else []):

@@ -98,15 +98,20 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
             print(f"warning: {p}", flush=True)
 
 
-def more_requested(recipe: Recipe, run_dir: Path) -> bool:
-    """Whether `--resume` on a finished run asks for more steps or epochs than it trained."""
+def finished_metrics(recipe: Recipe, run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a finished run that `--resume` asks nothing more of (no more steps or epochs than it
+    trained); None when there is training to do."""
+    if rundir.status(run_dir) != "finished":
+        return None
     try:
         done = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return True
+        return None
     if recipe.train.max_steps > 0:
-        return recipe.train.max_steps > int(done.get("steps") or 0)
-    return recipe.train.epochs > float(done.get("epochs") or 0) + 1e-9
+        more = recipe.train.max_steps > int(done.get("steps") or 0)
+    else:
+        more = recipe.train.epochs > float(done.get("epochs") or 0) + 1e-9
+    return None if more else done
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,11 +129,11 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     owner = owns_run_dir(recipe)
     if not launched_child():
         preflight(recipe, resume, overwrite)
-        if resume and owner and rundir.status(run_dir) == "finished" and not more_requested(recipe, run_dir):
-            steps = json.loads((run_dir / "metrics.json").read_text()).get("steps")
-            print(f"'{run_dir}' holds a finished run (step {steps}); nothing to do. To train it further, pass "
-                  "--max-steps or --epochs beyond the run's own with --resume", flush=True)
-            return json.loads((run_dir / "metrics.json").read_text())
+        done = finished_metrics(recipe, run_dir) if resume and owner else None
+        if done is not None:
+            print(f"'{run_dir}' holds a finished run (step {done.get('steps')}); nothing to do. To train it further, "
+                  "pass --max-steps or --epochs beyond the run's own with --resume", flush=True)
+            return done
     claim = None
     if owner:
         claim = rundir.Claim(run_dir, overwrite, resume, {"task": recipe.task, "method": recipe.method,
@@ -165,19 +170,20 @@ def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
         settle(recipe, claim, "failed", None)
         raise
     settle(recipe, claim, "finished", (metrics or {}).get("steps"))
-    if claim is not None:
-        from finetune.push import push_after_run
-
-        push_after_run(recipe)  # train.push_to_hub
     return metrics
 
 
 def settle(recipe: Recipe, claim: rundir.Claim | None, outcome: str, step: int | None) -> None:
-    """Record the outcome. Rank 0 of launched children records it for the launcher to read."""
+    """Record the outcome; a finished run is pushed when train.push_to_hub asks. Rank 0 of launched children
+    records the outcome for the launcher to read."""
     if claim is not None:
         note = claim.close(outcome, checkpoints.latest(recipe.output_dir) is not None, step)
         if note:
             print(note, flush=True)
+        if outcome == "finished":
+            from finetune.push import push_after_run
+
+            push_after_run(recipe)
     elif launched_child() and is_main_process() and (recipe.output_dir / rundir.MARKER).is_file():
         rundir.write_marker(recipe.output_dir, status=outcome, **({"step": step} if step is not None else {}))
 
@@ -190,10 +196,6 @@ def launch(recipe: Recipe, resume: bool, claim: rundir.Claim | None) -> None:
     outcome = rundir.status(recipe.output_dir) if recipe.output_dir.is_dir() else "failed"
     if code == 0:
         settle(recipe, claim, "finished", None)
-        if claim is not None:
-            from finetune.push import push_after_run
-
-            push_after_run(recipe)  # train.push_to_hub
         return None
     if outcome == "interrupted" or code in (130, 143, -signal.SIGTERM, -signal.SIGINT):
         settle(recipe, claim, "interrupted", None)
@@ -219,7 +221,7 @@ def interrupted_lines(recipe: Recipe, step: int | None) -> list[str]:
 
 def diverged_lines(recipe: Recipe, e: guards.Diverged) -> list[str]:
     last = checkpoints.latest(recipe.output_dir)
-    kept = (f"the last good checkpoint is {last} (step {checkpoints.step_of(last)})" if last else
+    kept = (f"the last good checkpoint is {last} (step {checkpoints.checkpoint_step(last)})" if last else
             "no checkpoint was saved before it")
     precision = ("fp16 overflows easily: use --bf16 where the device has it"
                  if recipe.train.fp16 else "try bf16 instead of fp16 on GPUs that have it")

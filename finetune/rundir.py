@@ -138,7 +138,7 @@ class Claim:
                 run_dir.rename(self.aside)
             self.existed = False
         run_dir.mkdir(parents=True, exist_ok=True)
-        fields = {k: v for k, v in identity.items()}
+        fields = dict(identity)
         if not resume:
             fields["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_marker(run_dir, status="running", **fields)

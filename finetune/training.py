@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.checkpoints import checkpoint_step  # noqa: F401  (the tasks' resume step)
 from finetune.errors import UserError, did_you_mean
 from finetune.metrics import perplexity
 from finetune.recipe import Recipe
@@ -48,12 +49,6 @@ def launched_child() -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Run directory (claimed by run.py before a task starts; see rundir.py and checkpoints.py)
-
-
-def checkpoint_step(checkpoint: str | Path | None) -> int | None:
-    """The step in a checkpoint's name (checkpoint-500 -> 500); None for None or another name."""
-    step = Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else ""
-    return int(step) if step.isdigit() else None
 
 
 def start_run(recipe: Recipe) -> Path:
