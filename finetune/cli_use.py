@@ -15,6 +15,12 @@ from finetune.errors import UserError
 from finetune.tasks import load_task, task_info
 
 
+# Sampling, shared by generate and chat (each with its own defaults).
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1)]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+
 
 def generate(
     model: Annotated[str, typer.Argument(help="A run directory (adapter or full model) or a model directory / Hub id.")],
@@ -25,10 +31,8 @@ def generate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --data: the .jsonl to write.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain text even for a chat run: no chat template.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --data: prompts per batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_new_tokens: MaxNewTokensOpt = 64, temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95,
+    seed: SeedOpt = 0,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a trained run or any causal LM; runs trained on conversations answer it as a
@@ -56,10 +60,8 @@ def generate(
 def chat(
     model: Annotated[str, typer.Argument(help="A run trained on conversations, or a chat model's directory / Hub id.")],
     system: Annotated[Optional[str], typer.Option("--system", help="A system prompt to start with.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_new_tokens: MaxNewTokensOpt = 256, temperature: TemperatureOpt = 0.7, top_p: TopPOpt = 0.95,
+    seed: SeedOpt = 0,
     debug: DebugOpt = False,
 ) -> None:
     """Chat with a run in the terminal: history kept, answers streamed, /system TEXT, /reset, /quit."""
