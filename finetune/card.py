@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from finetune import sources
 from finetune.recipe import Recipe
 
 DISTRIBUTION = "finetune-toolkit"  # the PyPI name (`finetune` on PyPI is an unrelated project)
@@ -70,7 +71,7 @@ def card_data(recipe: Recipe):
     from huggingface_hub import ModelCardData
 
     base = base_model(recipe)
-    datasets = [d for d in (recipe.data.train, recipe.data.eval) if is_hub_id(d)]
+    datasets = [d for d in sources.paths(recipe.data) if is_hub_id(d)]
     license_ = base_card_data(recipe.model.name).get("license") if recipe.model.name else None
     tags = list(dict.fromkeys(["finetune", recipe.task, recipe.method, *(["lora", "peft"] if recipe.method == "lora"
                                                                          else [])]))
@@ -90,7 +91,8 @@ def card_text(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: str
 
     data = card_data(recipe)
     base = recipe.model.name or f"a new model from config '{recipe.model.config or 'tiny'}'"
-    evaluation = recipe.data.eval or f"{recipe.data.eval_fraction:.0%} held out of the training data"
+    evaluation = (sources.describe(recipe.data, "eval") if recipe.data.eval
+                  else f"{recipe.data.eval_fraction:.0%} held out of the training data")
     curves = (f"\n## Training curves\n\n![loss, learning rate and tokens/s]({CURVES})\n"
               if (run_dir / CURVES).is_file() else "")
     content = f"""---
@@ -101,7 +103,7 @@ def card_text(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], usage: str
 {WHAT[recipe.method].capitalize()} for the `{recipe.task}` task, made with [finetune]({HOME}) (`pip install {DISTRIBUTION}`).
 
 - **Base**: {base}
-- **Training data**: {recipe.data.train}
+- **Training data**: {sources.describe(recipe.data)}
 - **Evaluation data**: {evaluation}
 - **Recipe**: `recipe.yaml` in this directory; run it again with `finetune {recipe.method} recipe.yaml`
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from finetune import sources
 from finetune.checkpoints import latest
 from finetune.errors import Stopped, UserError, did_you_mean
 from finetune.recipe import Recipe, build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
@@ -246,7 +247,7 @@ def describe(chain: Chain) -> str:
         recipe = stage.recipe
         model = recipe.model.name or recipe.model.config
         lines.append(f"  {i}. {stage.name:<10} finetune {stage.command:<8} ({recipe.task}, {recipe.method})  "
-                     f"model {model}  data {recipe.data.train}  -> {recipe.output_dir}")
+                     f"model {model}  data {sources.describe(recipe.data)}  -> {recipe.output_dir}")
     return "\n".join(lines)
 
 
@@ -274,14 +275,13 @@ def prepare_dir(root: Path, overwrite: bool, resume: bool) -> None:
 def check_inputs(stages, root: Path) -> None:
     """Every stage's data files, and the models that exist already, before the first stage trains (each
     stage's full pre-flight runs again when it starts, through run.execute)."""
-    from finetune.data import check_sources
     from finetune.models import check_model_files
 
     problems = []
     for i, stage in enumerate(stages):
         recipe, where = stage.recipe, f"stages[{i}] ({stage.name})"
         try:
-            check_sources(recipe.data)
+            sources.check_sources(recipe.data)
             name = recipe.model.name
             if name and not Path(name).resolve().is_relative_to(root.resolve()):  # not an earlier stage's output
                 check_model_files(name, "model.name")

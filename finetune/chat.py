@@ -57,13 +57,15 @@ TEMPLATES["llama3"] = TEMPLATES["llama-3"]
 # Formats
 
 
-def detect_format(columns: list[str], spec, source: str | None = None) -> str:
-    """The data format of a dataset with these columns, from `data.format` or the column names."""
+def detect_format(columns: list[str], spec, source: str | None = None, key: str = "data.train") -> str:
+    """The data format of a dataset with these columns, from `data.format` or the column names. `key`:
+    how messages name the source (a source of a mixture, data.train.1, has fields of its own)."""
+    fields = "data" if key in ("data.train", "data.eval") else key
     if spec.format != "auto":
         missing = [c for c in format_columns(spec.format, spec) if c not in columns]
         if missing:
-            raise UserError(f"data.format: {spec.format} data needs the column(s) {', '.join(missing)}; the data has: "
-                            f"{', '.join(columns)}. Rename them or set the data.*_column names")
+            raise UserError(f"{fields}.format: {spec.format} data needs the column(s) {', '.join(missing)}; the data "
+                            f"has: {', '.join(columns)}. Rename them or set the {fields}.*_column names")
         return spec.format
     if spec.messages_column in columns:
         return "messages"
@@ -73,10 +75,11 @@ def detect_format(columns: list[str], spec, source: str | None = None) -> str:
         return "prompt_completion"
     if spec.text_column in columns:
         return "text"
-    raise UserError(f"data.train '{source or spec.train}': no column for any format; its columns are: "
+    raise UserError(f"{key} '{source or spec.train}': no column for any format; its columns are: "
                     f"{', '.join(columns)}. Provide '{spec.text_column}' (plain text), '{spec.prompt_column}' and "
                     f"'{spec.completion_column}', or '{spec.messages_column}' (role/content turns); or set "
-                    "data.text_column, data.prompt_column, data.completion_column or data.messages_column to yours")
+                    f"{fields}.text_column, {fields}.prompt_column, {fields}.completion_column or "
+                    f"{fields}.messages_column to yours")
 
 
 def format_columns(fmt: str, spec) -> list[str]:

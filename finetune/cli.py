@@ -213,6 +213,7 @@ for name, command in (("generate", cli_use.generate), ("chat", cli_use.chat), ("
 app.command("demo")(demo)
 for name, command in (("fill-mask", cli_use.fill_mask), ("predict", cli_use.predict),
                       ("translate", cli_use.translate), ("caption", cli_use.caption), ("plan", cli_tools.plan),
+                      ("prepare", cli_tools.prepare),
                       ("launch-config", cli_tools.launch_config_command)):
     app.command(name)(command)
 app.add_typer(cli_tools.recipes_app, name="recipes")

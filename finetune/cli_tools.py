@@ -1,4 +1,4 @@
-"""Commands around runs: env, plan, launch-config, recipes (list, show, copy), push, plot, runs.
+"""Commands around runs: env, plan, prepare, launch-config, recipes (list, show, copy), push, plot, runs.
 
 Registered on the app in cli.py; each imports what it needs when it runs.
 """
@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.cli_common import (Bf16Opt, DebugOpt, DistOpt, Fp16Opt, IpOpt, MachinesOpt, ModelOpt, PortOpt,
-                                 ProcsOpt, QuantOpt, RankOpt, RecipeArg, SetOpt, TaskOpt, flag_overrides, guarded,
-                                 env_defaults, scale_overrides)
+from finetune.cli_common import (Bf16Opt, DataOpt, DebugOpt, DistOpt, EvalOpt, Fp16Opt, IpOpt, MachinesOpt,
+                                 ModelOpt, PortOpt, ProcsOpt, QuantOpt, RankOpt, RecipeArg, SetOpt, TaskOpt,
+                                 flag_overrides, guarded, env_defaults, scale_overrides)
 from finetune.errors import UserError
 
 recipes_app = typer.Typer(help="List, show and copy the built-in recipes.", no_args_is_help=True, rich_markup_mode=None)
@@ -65,6 +65,50 @@ def plan(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = None,
         r = load_recipe(recipe, {"method": method, **overrides}, set_, ignore=("data.train",))
         env_defaults()
         print_plan(r, device_memory)
+
+    guarded(debug, body)
+
+
+def prepare(recipe: RecipeArg = None, model: ModelOpt = None, data: DataOpt = None, eval_data: EvalOpt = None,
+            method: Annotated[str, typer.Option("--method", help="lora, full or pretrain.")] = "lora",
+            set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Tokenize, mix and pack a causal-LM recipe's data into the cache, and nothing else: the run then
+    starts training at once (a cluster job spends no GPU time on it). Example:
+    finetune prepare qwen2.5-0.5b-instruct-lora-chat --set data.num_proc=8"""
+
+    def body():
+        import time
+
+        from finetune.recipe import find_recipe, load_recipe
+        from finetune.tasks import load_task, task_info
+
+        if recipe is not None:
+            find_recipe(recipe)
+        r = load_recipe(recipe, {"method": method, **flag_overrides(model, None, data, eval_data, None, None, None,
+                                                                     None, {})}, set_)
+        if not task_info(r.task).mixtures:
+            raise UserError(f"prepare: the {r.task} task prepares its data when it runs; `finetune prepare` is for "
+                            "causal-LM (clm) data")
+        if r.data.streaming:
+            raise UserError("prepare: data.streaming reads the data as training asks for it, so there is nothing to "
+                            "prepare ahead; set data.streaming: false to prepare and cache it")
+        if not r.data.cache:
+            raise UserError("prepare: data.cache is false, so a prepared copy would not be kept; drop it")
+        from finetune.sources import check_sources
+
+        check_sources(r.data)
+        env_defaults()
+        start = time.perf_counter()
+        _, _, prepared = load_task(r.task).prepare_data(r)
+        rows = prepared.train
+        tokens = sum(len(ids) for batch in rows.select_columns(["input_ids"]).iter(batch_size=10_000)
+                     for ids in batch["input_ids"])
+        typer.echo(f"prepared: {len(rows):,} training rows, {tokens:,} tokens"
+                   + (f"; {len(prepared.eval):,} evaluation rows" if prepared.eval is not None else "")
+                   + f" ({time.perf_counter() - start:.0f} s)")
+        typer.echo(f"cache: {prepared.cache}")
+        again = recipe or f"--model {r.model.name} --data {data}"
+        typer.echo(f"next: finetune {r.method} {again}   # the same recipe and files start from the prepared data")
 
     guarded(debug, body)
 

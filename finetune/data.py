@@ -7,91 +7,11 @@ small validation split is held out of train with the recipe's seed.
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
 from finetune.recipe import DataSpec
-
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def looks_like_file(name: str) -> bool:
-    return Path(name).suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~"))
-
-
-def load_source(name: str, key: str, split: str = "train", config: str | None = None):
-    """One `datasets.Dataset` from a local file, a folder, or a Hub dataset name."""
-    import datasets
-
-    path = Path(name).expanduser()
-    try:
-        if path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise UserError(f"{key}: cannot read '{name}': use .jsonl, .json, .csv, .parquet or .txt")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-            ds.data.table.validate(full=True)  # Arrow keeps bytes that are not UTF-8 until a row is read
-        elif path.is_dir():
-            ds = load_folder(path, key)
-        elif looks_like_file(name):
-            raise UserError(f"{key}: no such file '{name}'")
-        else:
-            from finetune.hub import hub_reachable
-
-            if not hub_reachable():
-                raise UserError(f"{key}: '{name}' is not a local file or folder, and the Hugging Face Hub is "
-                                "unreachable (or HF_HUB_OFFLINE=1); pass a local file")
-            ds = datasets.load_dataset(name, config, split=split)
-    except UserError:
-        raise
-    except Exception as e:  # datasets raises many types for unreadable files
-        from finetune.models import first_line
-
-        why = file_problem(path, key, name) if path.is_file() else None
-        raise UserError(why or f"{key}: could not read '{name}': {first_line(e)}") from e
-    if len(ds) == 0:
-        raise UserError(f"{key}: '{name}' has no rows")
-    return ds
-
-
-def check_sources(spec: DataSpec) -> None:
-    """Pre-flight: each local data source exists and is not empty (reading it is the task's job)."""
-    problems = []
-    for key, name in (("data.train", spec.train), ("data.eval", spec.eval)):
-        if not name:
-            continue
-        path = Path(name).expanduser()
-        if path.is_file() and path.stat().st_size == 0:
-            problems.append(f"{key}: '{name}' is empty; give a file with at least one row")
-        elif not path.exists() and looks_like_file(name):
-            problems.append(f"{key}: no such file '{name}'")
-    if problems:
-        raise UserError(problems)
-
-
-def file_problem(path: Path, key: str, name: str) -> str | None:
-    """What is wrong with a local data file datasets could not read: empty, not UTF-8, a bad JSON line."""
-    import json
-
-    if path.stat().st_size == 0:
-        return f"{key}: '{name}' is empty; give a file with at least one row"
-    suffix = path.suffix.lower()
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (f"{key}: '{name}' line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the "
-                        "file as UTF-8 (for example: iconv -f latin1 -t utf-8)")
-            if suffix == ".jsonl" and line.strip():
-                try:
-                    json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    return f"{key}: '{name}' line {n} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it"
-    return None
-
+from finetune.sources import load_source
 
 def text_problems(ds, column: str, key: str, source: str) -> list[str]:
     """A text column must hold strings: numbers or lists (or a mix) are named with their first row. A column
@@ -106,31 +26,15 @@ def text_problems(ds, column: str, key: str, source: str) -> list[str]:
     return []
 
 
-def load_folder(path: Path, key: str):
-    """A folder of images (imagefolder: <class>/<file> or metadata.jsonl) or of data files."""
-    import datasets
-
-    files = [p for p in sorted(path.rglob("*")) if p.is_file()]
-    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    data_files = [p for p in files if p.suffix.lower() in FILE_BUILDERS]
-    suffixes = {FILE_BUILDERS[p.suffix.lower()] for p in data_files}
-    if not data_files:
-        raise UserError(f"{key}: folder '{path}' holds no data files (.jsonl, .json, .csv, .parquet, .txt) or images")
-    if len(suffixes) > 1:
-        raise UserError(f"{key}: folder '{path}' mixes file types; keep one kind of file per folder")
-    return datasets.load_dataset(suffixes.pop(), data_files=[str(p) for p in data_files], split="train")
-
-
-def load_splits(spec: DataSpec, seed: int = 42, train=None):
+def load_splits(spec: DataSpec, seed: int = 42, train=None, key: str = "data.train"):
     """(train, eval) datasets; eval is held out of train when `spec.eval` is unset. `train`: the
-    train source already loaded."""
+    train source already loaded; `key`: how messages name it (data.train.1 in a mixture)."""
     if train is None:
-        train = load_source(spec.train, "data.train", spec.train_split, spec.config)
+        train = load_source(spec.train, key, spec.train_split, spec.config)
     if spec.eval:
         eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation", spec.config)
     elif spec.eval_split:
-        eval_ds = load_source(spec.train, "data.train", spec.eval_split, spec.config)
+        eval_ds = load_source(spec.train, key, spec.eval_split, spec.config)
     elif spec.eval_fraction > 0 and len(train) >= 4:
         n_eval = max(1, round(len(train) * spec.eval_fraction))
         parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
@@ -145,24 +49,25 @@ def load_splits(spec: DataSpec, seed: int = 42, train=None):
     return train, eval_ds
 
 
-def load_text_splits(spec: DataSpec, seed: int = 42):
+def load_text_splits(spec: DataSpec, seed: int = 42, train=None, key: str = "data.train"):
     """(train, eval) of a text task: the text column checked in both, empty texts dropped (with a
     warning for train: `finetune validate` lists their rows)."""
-    train, eval_ds = load_splits(spec, seed)
+    train, eval_ds = load_splits(spec, seed, train, key)
     column = spec.text_column
-    for ds, key, source in ((train, "data.train", spec.train), (eval_ds, "data.eval", spec.eval)):
+    field = "data.text_column" if key in ("data.train", "data.eval") else f"{key}.text_column"  # a mixture's source
+    for ds, k, source in ((train, key, spec.train), (eval_ds, "data.eval", spec.eval)):
         if ds is not None:
-            require_columns(ds, {"data.text_column": column}, f"{key} '{source or spec.train}'")
-    problems = text_problems(train, column, "data.train", spec.train)
+            require_columns(ds, {field: column}, f"{k} '{source or spec.train}'")
+    problems = text_problems(train, column, key, spec.train)
     if eval_ds is not None:
         problems += text_problems(eval_ds, column, "data.eval", spec.eval or spec.train)
     if problems:
         raise UserError(problems)
     empty = empty_rows(train, column)
     if len(empty) == len(train):
-        raise UserError(f"data.train: every text in '{spec.train}' is empty (column '{column}'); nothing to train on")
+        raise UserError(f"{key}: every text in '{spec.train}' is empty (column '{column}'); nothing to train on")
     if empty:
-        print(f"warning: skipping {len(empty)} empty texts in data.train (`finetune validate` lists their rows)",
+        print(f"warning: skipping {len(empty)} empty texts in {key} (`finetune validate` lists their rows)",
               flush=True)
         train = drop_empty(train, column)
     if eval_ds is not None:
@@ -170,17 +75,17 @@ def load_text_splits(spec: DataSpec, seed: int = 42):
     return train, eval_ds
 
 
-def load_causal_splits(spec: DataSpec, seed: int = 42):
+def load_causal_splits(spec: DataSpec, seed: int = 42, key: str = "data.train"):
     """(train, eval, format) of the causal-LM task. Text data as `load_text_splits`; chat and
     prompt/completion data checked row by row first (every bad row at once, numbered as in the file)."""
     from finetune import chat
 
-    train = load_source(spec.train, "data.train", spec.train_split, spec.config)
-    fmt = chat.detect_format(train.column_names, spec)
+    train = load_source(spec.train, key, spec.train_split, spec.config)
+    fmt = chat.detect_format(train.column_names, spec, key=key)
     if fmt == "text":
-        return (*load_text_splits(spec, seed), fmt)
-    problems = chat.check_rows(chat.read_rows(train, spec.train), fmt, spec, "data.train")
-    train, eval_ds = load_splits(spec, seed, train)
+        return (*load_text_splits(spec, seed, train, key), fmt)
+    problems = chat.check_rows(chat.read_rows(train, spec.train), fmt, spec, key)
+    train, eval_ds = load_splits(spec, seed, train, key)
     if spec.eval and eval_ds is not None:
         problems += chat.check_rows(chat.read_rows(eval_ds, spec.eval), fmt, spec, "data.eval")
     if problems:
@@ -203,7 +108,12 @@ def require_columns(ds, columns: dict[str, str], source: str) -> None:
 
 
 def empty_rows(ds, column: str) -> list[int]:
-    return [i for i, t in enumerate(ds[column]) if t is None or (isinstance(t, str) and not t.strip())]
+    """Row indices of empty texts, read a batch at a time (never the whole column at once)."""
+    out, start = [], 0
+    for batch in ds.select_columns([column]).iter(batch_size=10_000):
+        out += [start + i for i, t in enumerate(batch[column]) if t is None or (isinstance(t, str) and not t.strip())]
+        start += len(batch[column])
+    return out
 
 
 def drop_empty(ds, column: str):
@@ -214,8 +124,31 @@ def drop_empty(ds, column: str):
 # Causal-LM tokenization and packing
 
 
-def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: bool):
-    """Token ids per document with eos appended (so the model learns to stop).
+IDS = "int32"  # token ids, positions and labels (-100) as int32: half the cache and memory of Python's int64
+
+
+def columns_of(ds) -> list[str]:
+    """Column names; a stream of JSON rows knows them only from its first row."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds.take(1)), {}))
+
+
+def map_batches(ds, fn, names: list[str], desc: str, num_proc: int | None = None, batch_size: int = 1000):
+    """`ds.map(fn, batched=True)` into int32 columns `names`, for a Dataset (written to the datasets cache,
+    `num_proc` processes) or a stream (lazily, as it is read)."""
+    import datasets
+
+    features = datasets.Features({n: datasets.List(datasets.Value(IDS)) for n in names})
+    kwargs = {"batched": True, "batch_size": batch_size, "remove_columns": columns_of(ds), "features": features}
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(fn, **kwargs)
+    return ds.map(fn, desc=desc, num_proc=num_proc if num_proc and num_proc > 1 and len(ds) > batch_size else None,
+                  **kwargs)
+
+
+def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: bool, num_proc: int | None = None):
+    """Token ids per document with eos appended (so the model learns to stop); empty texts are skipped.
 
     Texts are tokenized as `generate` tokenizes a prompt (the tokenizer's special tokens, so BOS for
     Llama-family models), so that the model trains on what it is prompted with.
@@ -225,9 +158,9 @@ def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: 
     eos = tokenizer.eos_token_id
 
     def encode(batch):
-        ids = tokenizer(batch[column])["input_ids"]
+        texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
         out = []
-        for doc in ids:
+        for doc in tokenizer(texts)["input_ids"] if texts else []:
             doc = doc + [eos] if eos is not None and doc[-1:] != [eos] else doc
             if split_long:
                 out.extend(doc[i:i + max_length] for i in range(0, len(doc), max_length))
@@ -235,13 +168,15 @@ def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: 
                 out.append(doc[:max_length])
         return {"input_ids": out}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+    return map_batches(ds, encode, ["input_ids"], "Tokenizing", num_proc)
 
 
-def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int):
+def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, num_proc: int | None = None):
     """input_ids and labels per prompt/completion or conversation row (labels -100 outside the trained
     tokens, see `finetune.chat`). Longer rows are cut to `max_length` (a conversation split in two would
     train answers without their question); rows left with nothing to train on are dropped, with a warning."""
+    import datasets
+
     from finetune import chat
 
     specials = chat.special_ids(tokenizer)
@@ -260,7 +195,9 @@ def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int):
                 out["labels"].append(labels[:max_length])
         return out
 
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing conversations")
+    tokenized = map_batches(ds, encode, ["input_ids", "labels"], "Tokenizing conversations", num_proc)
+    if isinstance(ds, datasets.IterableDataset):
+        return tokenized
     lost = len(ds) - len(tokenized)
     if lost:
         print(f"warning: {lost} examples have no trained token within data.max_length={max_length} and are "
@@ -291,30 +228,41 @@ def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def packed_dataset(tokenized, max_length: int):
-    """Rows of several whole documents: input_ids, position_ids restarting at 0 per document,
+# Documents packed together: first-fit-decreasing within a window of this many packs nearly as densely as
+# packing the whole corpus at once (BENCHMARKS.md: data at scale), and keeps the packer's memory bounded by
+# the window, not the corpus; a stream packs the same way as it is read.
+PACK_WINDOW = 2000
+
+
+def pack_rows(batch: dict[str, list], max_length: int) -> dict[str, list]:
+    """Rows of several whole documents of `batch`: input_ids, position_ids restarting at 0 per document,
     and labels with each document's first token masked (never predicted from the previous one).
-    Documents with their own labels (chat masks) keep them.
-
-    transformers builds a block-diagonal causal mask from position_ids that restart, as long
-    as no attention_mask is passed and the model runs without a cache (use_cache=False).
-    """
-    import datasets
-
-    docs = tokenized["input_ids"]
-    masks = tokenized["labels"] if "labels" in tokenized.column_names else docs
+    Documents with their own labels (chat masks) keep them."""
+    docs = batch["input_ids"]
+    masks = batch["labels"] if "labels" in batch else docs
     rows: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "labels": []}
     for group in pack_documents([len(d) for d in docs], max_length):
         ids, pos, labels = [], [], []
         for i in sorted(group):
             doc = docs[i]
             ids += doc
-            pos += list(range(len(doc)))
-            labels += [-100] + masks[i][1:]
+            pos += range(len(doc))
+            labels += [-100, *masks[i][1:]]
         rows["input_ids"].append(ids)
         rows["position_ids"].append(pos)
         rows["labels"].append(labels)
-    return datasets.Dataset.from_dict(rows)
+    return rows
+
+
+def packed_dataset(tokenized, max_length: int, num_proc: int | None = None):
+    """Blocks of at most `max_length` tokens packed from whole documents (`pack_rows`), a window of
+    PACK_WINDOW documents at a time; a Dataset or a stream.
+
+    transformers builds a block-diagonal causal mask from position_ids that restart, as long
+    as no attention_mask is passed and the model runs without a cache (use_cache=False).
+    """
+    return map_batches(tokenized, lambda batch: pack_rows(batch, max_length), ["input_ids", "position_ids", "labels"],
+                       "Packing", num_proc, batch_size=PACK_WINDOW)
 
 
 class CausalCollator:

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from finetune.data import IMAGE_SUFFIXES, load_source
+from finetune.sources import IMAGE_SUFFIXES, load_source
 from finetune.errors import UserError
 from finetune.recipe import ModelSpec
 

@@ -48,9 +48,30 @@ class ModelSpec(Spec):
     # (org/repo, `kernels` package); unset: transformers' choice (sdpa where it can)
 
 
+Format = Literal["auto", "text", "prompt_completion", "messages", "conversations"]
+TrainOn = Literal["assistant", "completion", "last_assistant", "all"]
+
+
+class SourceSpec(Spec):
+    """One source of a mixture (an entry of data.train or data.eval as a list); unset fields take data.*."""
+    path: str  # a file, a folder or a Hub dataset name
+    split: str | None = None  # Hub split; unset: data.train_split
+    config: str | None = None  # Hub configuration; unset: data.config
+    weight: float | None = Field(None, gt=0)  # share of the training mixture (normalised over the sources)
+    fraction: float | None = Field(None, gt=0, le=1)  # a random share of this source's rows (not streaming)
+    max_samples: int | None = Field(None, gt=0)  # at most this many rows of this source
+    format: Format | None = None  # unset: data.format
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    messages_column: str | None = None
+    train_on: TrainOn | None = None
+
+
 class DataSpec(Spec):
-    train: str | None = None  # .jsonl/.json/.csv/.parquet/.txt file, a folder, or a Hub dataset name
-    eval: str | None = None  # same forms; unset: hold out `eval_fraction` of train
+    train: str | list[SourceSpec] | None = None  # .jsonl/.json/.csv/.parquet/.txt file, a folder, a Hub dataset
+    # name, or a list of sources (a mixture: each a path or {path, weight, format, columns, ...})
+    eval: str | list[SourceSpec] | None = None  # same forms; unset: hold out `eval_fraction` of train
     config: str | None = None  # Hub dataset configuration name (wmt16: de-en)
     train_split: str = "train"  # split names for Hub datasets
     eval_split: str | None = None
@@ -61,12 +82,26 @@ class DataSpec(Spec):
     max_length: int | None = Field(None, gt=1)  # tokens per example (unset: the model's context, at most 1024);
     # longer examples are cut, or split when packing (validate counts them)
     packing: bool | None = None  # unset: clm packs (exact: packed documents never see each other), mlm does not
-    format: Literal["auto", "text", "prompt_completion", "messages", "conversations"] = "auto"  # auto: by columns
+    format: Format = "auto"  # auto: by columns
     prompt_column: str = "prompt"  # prompt_completion: strings, or lists of {role, content} messages
     completion_column: str = "completion"
     messages_column: str = "messages"  # lists of {role, content} turns (ShareGPT `conversations` also detected)
     chat_template: str | None = None  # unset: the tokenizer's; chatml, llama-3, mistral, gemma, phi, or a .jinja file
-    train_on: Literal["assistant", "completion", "last_assistant", "all"] = "assistant"  # tokens that carry the loss
+    train_on: TrainOn = "assistant"  # tokens that carry the loss
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"  # a weighted mixture ends
+    # when one source runs out (all_exhausted: when every source was seen, repeating the smaller ones)
+    streaming: bool = False  # read data.train as a stream (nothing materialised); needs train.max_steps
+    shuffle_buffer: int = Field(10_000, ge=0)  # streaming: rows shuffled within a buffer this long; 0: file order
+    num_proc: int | None = Field(None, gt=0)  # processes that tokenize and pack (unset: one)
+    cache: bool = True  # keep tokenized, packed data in the datasets cache (a rerun starts in seconds)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        """A list entry may be a plain path."""
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class LoraSpec(Spec):
@@ -316,6 +351,37 @@ class PpoSpec(Spec):
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over each rollout batch
 
 
+def data_problems(spec: DataSpec, task: str, max_steps: int) -> list[str]:
+    """Contradictions of the data section: lists and streams for a task that reads one source whole, weights on
+    some sources but not all or on evaluation data, a stream without a number of steps."""
+    out = []
+    info = REGISTRY.get(task)
+    if info is not None and not info.mixtures:
+        readers = " and ".join(t.name for t in REGISTRY.values() if t.mixtures)
+        for which in ("train", "eval"):
+            if isinstance(getattr(spec, which), list):
+                out.append(f"data.{which}: a list of sources (a mixture) is read by the {readers} task; give the "
+                           f"{task} task one file, folder or Hub dataset")
+        if spec.streaming:
+            out.append(f"data.streaming: the {readers} task streams; the {task} task reads its data whole")
+    if spec.streaming and max_steps <= 0:
+        out.append("train.max_steps: required with data.streaming (a stream has no length to count epochs by); "
+                   "pass --max-steps N")
+    if isinstance(spec.train, list):
+        weighted = [s.weight is not None for s in spec.train]
+        if any(weighted) and not all(weighted):
+            verb = "has" if sum(weighted) == 1 else "have"
+            out.append(f"data.train: {sum(weighted)} of {len(weighted)} sources {verb} a weight; give every source a "
+                       "weight (their shares of the mixture) or none (every row of every source, once)")
+        if spec.streaming:
+            out += [f"data.train.{i}.fraction: a stream has no length to take a fraction of; use max_samples"
+                    for i, s in enumerate(spec.train) if s.fraction is not None]
+    if isinstance(spec.eval, list):
+        out += [f"data.eval.{i}.weight: evaluation uses every row of each source; drop the weight"
+                for i, s in enumerate(spec.eval) if s.weight is not None]
+    return out
+
+
 class Recipe(Spec):
     task: str = "clm"
     method: Method = "lora"  # set by the command: finetune lora | full | pretrain
@@ -357,6 +423,10 @@ class Recipe(Spec):
             out.append(f"model.name: required for `finetune {self.method}`; pass --model <Hub id or directory>")
         if not self.data.train:
             out.append("data.train: required; pass --data <file, folder or Hub dataset>")
+        out += data_problems(self.data, self.task, self.train.max_steps)
+        if self.data.streaming and self.method == "pretrain" and not self.model.tokenizer:
+            out.append("model.tokenizer: required to pre-train on a stream (without one, a tokenizer is trained on "
+                       "the whole corpus first); set model.tokenizer, or data.streaming: false")
         if self.train.bf16 and self.train.fp16:
             out.append("train.bf16 and train.fp16: choose one precision")
         if self.quant.bits and self.method != "lora":
@@ -540,15 +610,27 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
+        candidates += [a for c in candidates for a in getattr(c, "__args__", ())]  # list[SourceSpec]
         cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if cls is None:
             return []
     return list(getattr(cls, "model_fields", {}))
 
 
+def is_union_tag(part: Any) -> bool:
+    """pydantic names the branch of a union in an error's location ('str', 'list[SourceSpec]')."""
+    return isinstance(part, str) and (part == "str" or "[" in part)
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel] = Recipe) -> list[str]:
     problems = []
-    for e in err.errors():
+    errors = err.errors()
+    listed = {e["loc"][:e["loc"].index(t)] for e in errors for t in e["loc"] if is_union_tag(t) and t != "str"}
+    for e in errors:
+        # `str | list[SourceSpec]`: a list fails the str branch too; report the branch the input took
+        if "str" in e["loc"] and e["loc"][:e["loc"].index("str")] in listed:
+            continue
+        e["loc"] = tuple(p for p in e["loc"] if not is_union_tag(p))
         loc = tuple(p for p in e["loc"] if isinstance(p, str))
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":

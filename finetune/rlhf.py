@@ -19,6 +19,7 @@ from finetune.adapters import is_adapter_dir
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 from finetune.rewards import is_chat
+from finetune.sources import load_source
 
 PREFERENCE_FORMAT = ("preference data needs the columns chosen and rejected (and usually prompt), as plain "
                      "text or as chat messages (trl's standard formats)")
@@ -81,7 +82,7 @@ def check_columns(ds, key: str, source: str, required: tuple[str, ...], optional
 def load_checked(recipe: Recipe, required: tuple[str, ...], optional: tuple[str, ...] = ()):
     """(train, eval, format), checked before any split, so that reported rows are rows of the file."""
     spec = recipe.data
-    fmt = check_columns(D.load_source(spec.train, "data.train", spec.train_split), "data.train", f"'{spec.train}'",
+    fmt = check_columns(load_source(spec.train, "data.train", spec.train_split), "data.train", f"'{spec.train}'",
                         required, optional)
     train, eval_ds = D.load_splits(spec, recipe.train.seed)
     if eval_ds is not None and (spec.eval or spec.eval_split):  # not held out of the checked train data

@@ -67,7 +67,7 @@ def owns_run_dir(recipe: Recipe) -> bool:
 
 def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Everything that can fail before training, checked before anything is created or deleted."""
-    from finetune import data, models
+    from finetune import models, sources
     from finetune.launch import check_distributed
     from finetune.memory import check_precision
 
@@ -80,7 +80,7 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     check_extras(recipe)  # LoRA variants, trackers, kernels, early stopping, push_to_hub
     if recipe.model.name:
         models.check_model_files(recipe.model.name, "model.name")
-    data.check_sources(recipe.data)
+    sources.check_sources(recipe.data)
     from finetune.quantization import check_quantizable, skeleton
 
     model = None  # the model on the meta device, built once for both checks below

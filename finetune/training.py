@@ -167,7 +167,7 @@ def groups_by_length(recipe: Recipe) -> bool:
     by default for classification: where text length follows the label, length-sorted batches hold
     one class each and training stalls (tests/test_classification.py's text-pair task: 0.52
     accuracy grouped, >= 0.9 not)."""
-    if recipe.train.group_by_length is False:
+    if recipe.train.group_by_length is False or recipe.data.streaming:  # a stream has no lengths to sort by
         return False
     if recipe.task == "clm":
         return recipe.data.packing is False

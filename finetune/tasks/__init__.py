@@ -35,6 +35,8 @@ class TaskInfo:
     # quant.bits itself, with its own reason (a new head, cross-attention or value model)
     packing: bool = False  # honours data.packing
     chat: bool = False  # reads chat messages ([{role, content}]) as data
+    mixtures: bool = False  # reads data.train as a list of sources and as a stream (data.streaming); its module's
+    # prepare_data(recipe) is `finetune prepare`
     stage: bool = False  # usable as a chain stage's `command` (its own verb: finetune <name>)
     verb: bool = False  # has its own training command (`finetune reward`); else lora/full/pretrain --task
     lm_head: bool = False  # its head scores the whole vocabulary at every position (memory: logits)
@@ -54,7 +56,7 @@ def register(info: TaskInfo) -> TaskInfo:
 # The tasks
 
 register(TaskInfo("clm", "finetune.tasks.clm", "AutoModelForCausalLM", methods=METHODS, quantizable=True,
-                  packing=True, lm_head=True, inference="generate"))
+                  packing=True, mixtures=True, lm_head=True, inference="generate"))
 # encoder, encoder-decoder and vision
 register(TaskInfo("mlm", "finetune.tasks.mlm", "AutoModelForMaskedLM", section="mlm", methods=METHODS,
                   packing=True, lm_head=True, inference="fill-mask"))

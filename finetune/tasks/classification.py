@@ -27,6 +27,7 @@ from finetune import models, training
 from finetune.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, raise_if
 from finetune.recipe import ClassificationSpec, Recipe
+from finetune.sources import load_source
 
 LABELS_FILE = "labels.json"  # label names in id order (the adapter does not store id2label), and
 # whether integer labels in data are indices into them (else they are names: 1..5 stars -> "1".."5")
@@ -350,7 +351,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     column = recipe.data.text_column if recipe else "text"
     pair = spec.text_pair_column
     if data:
-        ds = D.load_source(data, "--data")
+        ds = load_source(data, "--data")
         missing = [c for c in (column, pair) if c and c not in ds.column_names]
         if missing:
             raise UserError(f"--data: no column {', '.join(map(repr, missing))} in '{data}' (the run was trained on "

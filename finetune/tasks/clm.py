@@ -20,12 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from finetune import chat
+from finetune import chat, corpus, models, training
 from finetune import data as D
-from finetune import models, training
 from finetune.adapters import apply_lora, is_adapter_dir, save_adapter
 from finetune.errors import UserError
 from finetune.recipe import Recipe
+from finetune.sources import load_source
 
 CHAT_FILE = "chat.json"  # in a run trained on chat data: `generate` and `chat` apply the template
 
@@ -34,50 +34,25 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from transformers import AutoModelForCausalLM, Trainer, set_seed
 
     set_seed(recipe.train.seed)
-    column = recipe.data.text_column
+    d = recipe.data
 
-    # 1. Data: load and check every row; the format (text, prompt/completion, conversations) is detected.
-    train_raw, eval_raw, fmt = D.load_causal_splits(recipe.data, recipe.train.seed)
-    templated = uses_template(fmt, train_raw, recipe)
-
-    # 2. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus; the chat
-    #    template for conversations. Pad is eos: labels are masked by position, so no new embedding row.
-    if recipe.method == "pretrain" and fmt != "text" and not recipe.model.tokenizer:
-        raise UserError(f"model.tokenizer: pre-training on {fmt} data needs a tokenizer (with a chat template); "
-                        "set model.tokenizer, or pre-train on a text column")
-    if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: models.train_bpe_tokenizer(
-            train_raw[column], recipe.model.vocab_size))
-    else:
-        tokenizer = models.load_tokenizer(recipe.model)
-    new_tokens = chat.set_template(tokenizer, recipe.data.chat_template) if templated else []
-    models.pad_with_eos(tokenizer)
+    # 1-2. Tokenizer and data (prepare_data below): sources read and checked, tokenized, mixed, packed.
+    tokenizer, _, data = prepare_data(recipe, resume)
+    models.pad_with_eos(tokenizer)  # labels are masked by position, so eos pads without a new embedding row
 
     # 3. Model: from a config (pre-training) or a checkpoint; rows for the template's new tokens.
     if recipe.method == "pretrain":
-        config = models.gpt_config(recipe.model, len(tokenizer), recipe.data.max_length, tokenizer)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(pretrain_config(recipe, tokenizer))
     else:
         model = models.load_model(recipe.model, AutoModelForCausalLM, recipe.quant if recipe.quant.bits else None)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.data.packing:
-        refuse_packing_without_boundaries(model.config)
-    max_length = models.max_length(recipe.data.max_length, model.config)
     # A KV cache in training also disables the packed-sequence mask (documents would see each other).
     model.config.use_cache = False
+    train_ds, eval_ds, templated, new_tokens = data.train, data.eval, data.templated, data.new_tokens
 
-    # 4. Tokenize: text with eos after every document; other formats with labels -100 outside the trained
-    #    tokens. Packing fills blocks of max_length with whole examples, masks carried along.
-    packing = packs(recipe, model.config)
-    train_ds, eval_ds = (tokenize(ds, tokenizer, recipe, fmt, max_length, packing) if ds is not None else None
-                         for ds in (train_raw, eval_raw))
-    if packing:
-        train_ds = D.packed_dataset(train_ds, max_length)
-        eval_ds = D.packed_dataset(eval_ds, max_length) if eval_ds is not None else None
-
-    # 5. LoRA: freeze the base, train low-rank adapters (and the embedding rows of new template tokens).
+    # 4. LoRA: freeze the base, train low-rank adapters (and the embedding rows of new template tokens).
     if recipe.method == "lora":
         if recipe.quant.bits:
             from finetune.quantization import prepare_quantized
@@ -90,7 +65,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                   f"train through peft's trainable_token_indices and are saved with the adapter "
                   f"({len(new_ids)} x {model.get_input_embeddings().weight.shape[1]} values)", flush=True)
 
-    # 6. Train, evaluate, save.
+    # 5. Train, evaluate, save.
     run_dir = training.start_run(recipe)
     args = training.training_arguments(recipe, run_dir)
     checkpoint = training.resume_checkpoint(run_dir) if resume else None
@@ -98,6 +73,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+    if d.streaming:
+        corpus.own_dataloader(trainer)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     if templated and recipe.method != "lora":  # plain transformers `generate` then stops at the end of a turn
@@ -109,7 +86,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         if recipe.method == "lora" and new_tokens:  # the new rows only (peft would save whole embedding matrices)
             model.save_pretrained(str(run_dir), save_embedding_layers=False)
         if templated:  # generate and chat render prompts with the template and stop at the end of a turn
-            (run_dir / CHAT_FILE).write_text(json.dumps({"format": fmt, "end_of_turn": tokenizer.convert_ids_to_tokens(
+            (run_dir / CHAT_FILE).write_text(json.dumps({"format": data.fmt, "end_of_turn": tokenizer.convert_ids_to_tokens(
                 chat.end_of_turn_ids(tokenizer))}, indent=1) + "\n")
 
     metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
@@ -129,14 +106,44 @@ def refuse_packing_without_boundaries(config) -> None:
                         "cannot keep packed examples apart; set data.packing: false")
 
 
-def uses_template(fmt: str, train_raw, recipe: Recipe) -> bool:
-    return fmt in ("messages", "conversations") or chat.is_chat(fmt, train_raw[0], recipe.data)
+def prepare_data(recipe: Recipe, resume: bool = False):
+    """(tokenizer, model config, prepared data): what `run` trains on, and all `finetune prepare` does."""
+    d = recipe.data
+    # 1. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus.
+    if recipe.method == "pretrain" and not recipe.model.tokenizer:
+        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: models.train_bpe_tokenizer(
+            corpus_texts(recipe), recipe.model.vocab_size))
+    else:
+        tokenizer = models.load_tokenizer(recipe.model)
+
+    # 2. Data: every source read and checked in its format (text, prompt/completion, conversations), the
+    #    chat template set for conversations, tokenized (text with eos after every document, other formats
+    #    with labels -100 outside the trained tokens), mixed, and packed into blocks of max_length tokens.
+    #    Cached for the next run on the same data, or streamed (finetune/corpus.py).
+    config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else models.load_config(recipe.model)
+    if d.packing:
+        refuse_packing_without_boundaries(config)
+    max_length = models.max_length(d.max_length, config)
+    return tokenizer, config, corpus.prepare(recipe, tokenizer, max_length, packs(recipe, config))
 
 
-def tokenize(ds, tokenizer, recipe: Recipe, fmt: str, max_length: int, packing: bool):
-    if fmt == "text":
-        return D.tokenize_documents(ds, tokenizer, recipe.data.text_column, max_length, split_long=packing)
-    return D.tokenize_examples(ds, tokenizer, recipe.data, fmt, max_length)
+def pretrain_config(recipe: Recipe, tokenizer):
+    """The GPT-2 config pre-training builds: a size preset or a config file, sized to the tokenizer."""
+    return models.gpt_config(recipe.model, len(tokenizer), recipe.data.max_length, tokenizer)
+
+
+def corpus_texts(recipe: Recipe):
+    """The texts a tokenizer is trained on when pre-training without one: the text sources of data.train."""
+    from finetune.sources import listed
+
+    texts = []
+    for source in listed(recipe.data, "train"):
+        rows, _, fmt = D.load_causal_splits(source.spec, recipe.train.seed, source.key)
+        if fmt != "text":
+            raise UserError(f"model.tokenizer: pre-training on {fmt} data ({source.key}) needs a tokenizer (with a "
+                            "chat template); set model.tokenizer, or pre-train on a text column")
+        texts += rows[source.spec.text_column]
+    return texts
 
 
 def packs(recipe: Recipe, config=None) -> bool:
@@ -183,46 +190,26 @@ def load_trained(run_dir: Path, **kwargs):
 
 
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """Data checks for `finetune validate`: (problems, notes). Chat data: every bad row, then one
-    rendered example with its trained tokens marked and the share of tokens that carry the loss."""
+    """Data checks for `finetune validate`: (problems, notes). Every source of a mixture with its rows,
+    tokens and share; chat data: every bad row, then one rendered example with its trained tokens marked
+    and the share of tokens that carry the loss."""
+    from finetune.sources import listed
+
     problems, notes = [], []
     d = recipe.data
-    try:  # the files as they are (no held-out split), so that row numbers match the file
-        train_raw = D.load_source(d.train, "data.train", d.train_split, d.config)
-        eval_raw = D.load_source(d.eval, "data.eval", d.eval_split or "validation", d.config) if d.eval else None
-    except UserError as e:
-        rows = chat.read_rows(None, d.train)  # JSON Lines that datasets cannot load (mixed types): row by row
-        if not rows:
-            return e.problems, notes
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        fmt = chat.detect_format(columns, d)
-        return chat.check_rows(rows, fmt, d, "data.train") or e.problems, notes
-    try:
-        fmt = chat.detect_format(train_raw.column_names, d)
-    except UserError as e:
-        return e.problems, notes
-    column = d.text_column if fmt == "text" else None
-    for ds, key, source in ((train_raw, "data.train", d.train), (eval_raw, "data.eval", d.eval)):
-        if ds is None:
-            continue
-        if fmt != "text":
-            problems += chat.check_rows(chat.read_rows(ds, source), fmt, d, key)
-        else:
-            try:
-                D.require_columns(ds, {"data.text_column": column}, f"{key} '{source}'")
-            except UserError as e:
-                problems += e.problems
-                continue
-            empty = [i + 1 for i in D.empty_rows(ds, column)]
-            if empty:
-                rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
-                problems.append(f"{key}: {len(empty)} empty texts (rows {rows} of '{source}'); remove them "
-                                "(training skips them)")
-        notes.append(f"{key}: {len(ds)} examples ({fmt.replace('_', '/')})" + (
-            "" if d.eval or key == "data.eval" else f", {d.eval_fraction:.0%} held out for evaluation"))
-    if fmt == "conversations":
-        notes.append("data: ShareGPT 'conversations' are mapped to messages (human -> user, gpt -> assistant)")
-    if problems:
+    train_sources = listed(d, "train")
+    whole = train_sources[0].spec is d
+    checked = []  # (source, rows, format)
+    for source in train_sources + ([] if whole else listed(d, "eval")):
+        found, said, rows, fmt = check_source(source, whole)
+        problems += found
+        notes += said
+        if rows is not None:
+            checked.append((source, rows, fmt))
+    if d.streaming:
+        notes.append(f"data.streaming: rows are read as training asks for them; training checks the first "
+                     f"{corpus.CHECK_ROWS} rows of each source before it starts")
+    if problems or not checked:
         return problems, notes
 
     tokenizer = None
@@ -231,11 +218,10 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     else:
         try:
             tokenizer = models.load_tokenizer(recipe.model)
-            if uses_template(fmt, train_raw, recipe):
-                added = chat.set_template(tokenizer, d.chat_template)
-                if added:
-                    notes.append(f"tokenizer: the template adds {', '.join(added)} (new embedding rows, trained "
-                                 "and saved with the adapter)")
+            _, _, added = corpus.template_rules(tokenizer, d, [(rows[0], fmt, s.spec) for s, rows, fmt in checked])
+            if added:
+                notes.append(f"tokenizer: the template adds {', '.join(added)} (new embedding rows, trained "
+                             "and saved with the adapter)")
         except UserError as e:
             problems += e.problems
     if tokenizer is None:
@@ -243,36 +229,123 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     if tokenizer.pad_token_id is None:
         notes.append("tokenizer: no pad token; eos pads (labels are masked by position, so eos is still learned)")
     try:
-        if recipe.method == "pretrain":
-            config = models.gpt_config(recipe.model, len(tokenizer), d.max_length, tokenizer)
-        else:
-            config = models.load_config(recipe.model)
+        config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else models.load_config(recipe.model)
         max_length = models.max_length(d.max_length, config)
     except UserError as e:
         return problems + e.problems, notes
-    sample = train_raw.select(range(min(len(train_raw), 10_000 if fmt == "text" else 1_000)))
-    try:
-        tokenized = tokenize(sample, tokenizer, recipe, fmt, 10 ** 9, packs(recipe, config))
-    except UserError as e:
-        return problems + e.problems, notes
+    packing = packs(recipe, config)
+    samples = []
+    for source, rows, fmt in checked:
+        sample = rows.select(range(min(len(rows), 10_000 if fmt == "text" else 1_000)))
+        try:
+            samples.append((source, rows, fmt, corpus.tokenize(sample, tokenizer, source.spec, fmt, 10 ** 9, packing)))
+        except UserError as e:
+            problems += e.problems
+    if problems:
+        return problems, notes
+    if len(checked) > 1:
+        notes += mixture_notes(samples, d.stopping_strategy)
+    source, rows, fmt, tokenized = samples[0]
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     stats = D.length_stats(lengths)
     notes.append("tokens per example: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
+                 + (f" ({source.key})" if len(checked) > 1 else "")
                  + f" (max_length {max_length}, model context {models.context_length(config)})")
     too_long = sum(n > max_length for n in lengths)
     if too_long:
-        fate = "split" if fmt == "text" and packs(recipe, config) else "cut"
+        fate = "split" if fmt == "text" and packing else "cut"
         notes.append(f"{too_long} examples ({too_long / len(lengths):.1%}) exceed data.max_length={max_length} and "
                      f"will be {fate}" + (" (data.packing: true splits them instead)"
-                                          if fmt == "text" and not packs(recipe, config) else ""))
-    if packs(recipe, config):
+                                          if fmt == "text" and not packing else ""))
+    if packing:
         notes.append(f"packing: whole examples packed into rows of {max_length} tokens (exact: each sees only "
                      "itself); data.packing: false pads each batch instead")
-    if fmt != "text":
+    chats = [(s, f, t) for s, _, f, t in samples if f != "text"]
+    if chats:
+        source, fmt, tokenized = chats[0]
         trained = sum(t != -100 for labels in tokenized["labels"] for t in labels)
+        total = sum(len(ids) for ids in tokenized["input_ids"])
         colour = sys.stdout.isatty()
-        notes.append(f"loss on {trained / max(1, sum(lengths)):.1%} of the tokens (data.train_on: {d.train_on}); "
+        notes.append(f"loss on {trained / max(1, total):.1%} of the tokens (data.train_on: {source.spec.train_on}); "
                      "the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
         shown = chat.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour).rstrip("\n")
         notes.append("  " + shown.replace("\n", "\n    "))
     return problems, notes
+
+
+def check_source(source, whole: bool) -> tuple[list[str], list[str], object, str]:
+    """(problems, notes, rows, format) of one source, read as it is (no held-out split, so that row
+    numbers match the file); with `whole`, data.eval is checked with it."""
+    problems, notes = [], []
+    d, key = source.spec, source.key
+    try:
+        if d.streaming:  # the rows training checks before it starts, not the whole stream
+            from datasets import Dataset
+
+            from finetune.sources import load_stream
+
+            head = list(load_stream(d.train, key, d.train_split, d.config).take(corpus.CHECK_ROWS))
+            if not head:
+                raise UserError(f"{key}: '{d.train}' has no rows")
+            train_raw = Dataset.from_list(head)
+        else:
+            train_raw = load_source(d.train, key, d.train_split, d.config)
+        eval_raw = load_source(d.eval, "data.eval", d.eval_split or "validation", d.config) if whole and d.eval else None
+    except UserError as e:
+        rows = chat.read_rows(None, d.train)  # JSON Lines that datasets cannot load (mixed types): row by row
+        if not rows:
+            return e.problems, notes, None, ""
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        fmt = chat.detect_format(columns, d, key=key)
+        return chat.check_rows(rows, fmt, d, key) or e.problems, notes, None, fmt
+    try:
+        fmt = chat.detect_format(train_raw.column_names, d, key=key)
+    except UserError as e:
+        return e.problems, notes, None, ""
+    for ds, k, name in ((train_raw, key, d.train), (eval_raw, "data.eval", d.eval)):
+        if ds is None:
+            continue
+        if fmt != "text":
+            problems += chat.check_rows(chat.read_rows(ds, name), fmt, d, k)
+        else:
+            try:
+                D.require_columns(ds, {"data.text_column": d.text_column}, f"{k} '{name}'")
+            except UserError as e:
+                problems += e.problems
+                continue
+            empty = [i + 1 for i in D.empty_rows(ds, d.text_column)]
+            if empty:
+                rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+                problems.append(f"{k}: {len(empty)} empty texts (rows {rows} of '{name}'); remove them "
+                                "(training skips them)")
+        held = "" if d.eval or d.eval_split or k.startswith("data.eval") or not d.eval_fraction or d.streaming else \
+            f", {d.eval_fraction:.0%} held out for evaluation"
+        what = f"the first {len(ds)} rows of the stream" if d.streaming and k == key else f"{len(ds)} examples"
+        notes.append(f"{k}: {what} ({fmt.replace('_', '/')})" + ("" if whole else f" in '{name}'") + held)
+    if fmt == "conversations":
+        notes.append(f"{key}: ShareGPT 'conversations' are mapped to messages (human -> user, gpt -> assistant)")
+    return problems, notes, train_raw, fmt
+
+
+def mixture_notes(samples: list, stopping_strategy: str) -> list[str]:
+    """Rows, tokens and share of each training source (tokens estimated from the tokenized sample)."""
+    train = [(s, len(rows), sum(len(i) for i in t["input_ids"]) / max(1, len(t)))
+             for s, rows, _, t in samples if s.key.startswith("data.train")]
+    weights = [s.weight for s, _, _ in train]
+    out = [f"data.train: a mixture of {len(train)} sources"]
+    if any(w is None for w in weights):
+        total_tokens = sum(n * mean for _, n, mean in train)
+        out += [f"  {s.key}: {n:,} rows, about {n * mean:,.0f} tokens, {n * mean / max(1, total_tokens):.0%} of the "
+                "tokens (every row once)" for s, n, mean in train]
+        return out
+    p = [w / sum(weights) for w in weights]  # type: ignore[arg-type, misc]
+    token_total = sum(pi * mean for pi, (_, _, mean) in zip(p, train))
+    for pi, (source, n, mean) in zip(p, train):
+        out.append(f"  {source.key}: {n:,} rows, about {n * mean:,.0f} tokens; drawn for {pi:.0%} of the rows and about "
+                   f"{pi * mean / max(1e-9, token_total):.0%} of the tokens (weight {source.weight:g})")
+    ends = min(n / pi for pi, (_, n, _) in zip(p, train)) if stopping_strategy == "first_exhausted" else \
+        max(n / pi for pi, (_, n, _) in zip(p, train))
+    first = min(zip(p, train), key=lambda x: x[1][1] / x[0])[1][0].key
+    out.append(f"  the mixture ends after about {ends:,.0f} rows ({stopping_strategy}" +
+               (f": {first} runs out first)" if stopping_strategy == "first_exhausted" else ")"))
+    return out

@@ -26,6 +26,7 @@ from finetune.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
 from finetune.metrics import generation_metrics
 from finetune.recipe import Recipe, TranslationSpec
+from finetune.sources import load_source
 
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
              "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "cs": "Czech", "fi": "Finnish", "tr": "Turkish",
@@ -238,7 +239,7 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
         raise UserError("give texts to translate or --data FILE (one of the two)")
     references = None
     if data:
-        ds = D.load_source(data, "--data")
+        ds = load_source(data, "--data")
         plain = "text" in ds.column_names and not {spec.source_column, "translation"} & set(ds.column_names)
         if plain:  # a .txt file: one text per line
             texts = [t for t in ds["text"] if t and t.strip()]
