@@ -164,8 +164,8 @@ def test_other_decoders_get_all_linear_layers_but_not_the_lm_head():
 
 
 def test_default_adapter_puts_no_dropout_on_its_inputs():
-    """peft's default: a dropout mask on every adapted layer's input took ~30% of a training step on
-    CPU (BENCHMARKS.md, all-MiniLM-L6-v2) for no accuracy."""
+    """peft's default: a dropout mask on every adapted layer's input made CPU training steps 15-30%
+    slower (BENCHMARKS.md, all-MiniLM-L6-v2) for no accuracy."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
