@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from finetune.errors import UserError
 
@@ -177,23 +177,25 @@ def to_messages(row: dict, fmt: str, spec) -> tuple[list[dict], int]:
     return [dict(role=m["role"], content=m["content"]) for m in row[spec.messages_column]], 0
 
 
-def read_rows(ds, source: str | None) -> list[dict]:
-    """The rows of a data source as Python objects; local JSON Lines files are read line by line, so that
-    rows with mixed types (which `datasets` cannot load) are still checked one by one."""
+def read_rows(ds, source: str | None) -> Iterator[dict]:
+    """The rows of a data source as Python objects, one at a time (a large file is never held whole);
+    local JSON Lines files are read line by line, so that rows with mixed types (which `datasets`
+    cannot load) are still checked one by one."""
     path = Path(source).expanduser() if source else None
     if path is not None and path.is_file() and path.suffix.lower() == ".jsonl":
-        rows = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    rows.append({})
-        return rows
-    return list(ds) if ds is not None else []
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        yield {}
+        return
+    if ds is not None:
+        yield from ds
 
 
-def check_rows(rows: list[dict], fmt: str, spec, key: str, limit: int = 20) -> list[str]:
+def check_rows(rows: Iterable[dict], fmt: str, spec, key: str, limit: int = 20) -> list[str]:
     """Problems of every row (row numbers count from 1, as lines of the file), at most `limit` listed."""
     problems, first_kind = [], None
     for i, row in enumerate(rows, 1):

@@ -107,7 +107,7 @@ class DataSpec(Spec):
 class LoraSpec(Spec):
     r: int = Field(16, gt=0)  # rank: higher adapts more, costs more memory
     alpha: int = Field(32, gt=0)  # scale is alpha / r
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # peft's default; 0.05 made CPU steps 15-30% slower
     target_modules: list[str] | Literal["all-linear"] | None = None  # null: finetune's choice per architecture
     modules_to_save: list[str] | None = None  # extra modules trained in full and saved with the adapter
     use_dora: bool = False  # DoRA: also learns each output's magnitude; closer to full fine-tuning, slower steps

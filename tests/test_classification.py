@@ -117,6 +117,9 @@ def lora_run(tmp_path_factory, tiny_bert, sentiment, metric_script):
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
+        def on_evaluate(self, args, state, control, eval_dataloader=None, **kw):
+            self.eval_lengths = [batch["attention_mask"].sum(-1).tolist() for batch in eval_dataloader]
+
         def on_train_end(self, args, state, control, model=None, processing_class=None, **kw):
             self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
             model.eval()
@@ -148,6 +151,13 @@ def test_lora_bert_learns_the_toy_sentiment_task(lora_run):
     assert sum(int(line.split()[-1]) for line in report.splitlines()[1:]) == 80
     assert "per-class report on the eval split" in lora_run["stdout"]
     assert "Per-class report" in (lora_run["dir"] / "README.md").read_text()
+
+
+def test_evaluation_runs_longest_first(lora_run):
+    """Batches of like lengths pad less; the metrics do not depend on the order."""
+    lengths = [n for batch in lora_run["capture"].eval_lengths for n in batch]
+    assert len(lengths) == 80 and len(set(lengths)) > 1
+    assert lengths == sorted(lengths, reverse=True)
 
 
 def test_lora_trains_adapters_head_and_missing_pooler_only(lora_run):

@@ -75,7 +75,7 @@ def test_plan_reports_and_warns_when_it_cannot_fit(tiny_gpt):
         assert f"  {part}" in stdout
     assert stderr == ""
 
-    code, stdout, stderr = invoke("plan", "--model", tiny_gpt, "--set", "train.batch_size=64", "--device-memory", "0.1")
+    code, stdout, stderr = invoke("plan", "--model", tiny_gpt, "--set", "train.batch_size=128", "--device-memory", "0.1")
     assert code == 0
     assert stderr.startswith("warning: memory: the estimated peak of ")
     assert "per device does not fit in the 102.4 MiB of one device (with 10% to spare); lower train.batch_size" \

@@ -40,3 +40,12 @@ def test_clm_packs_by_default_and_groups_by_length_only_unpacked(tmp_path):
 
 def test_packed_mlm_blocks_are_not_grouped(tmp_path):
     assert arguments(tmp_path, "mlm", **{"data.packing": "true"}).train_sampling_strategy == "random"
+
+
+def test_longest_first_keeps_every_row_and_ties_in_order():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2], [4, 5, 6], [7]], "labels": [0, 1, 2, 3, 4]})
+    out = training.longest_first(ds)
+    assert out["labels"] == [1, 3, 2, 0, 4]
+    assert sorted(map(tuple, out["input_ids"])) == sorted(map(tuple, ds["input_ids"]))

@@ -84,9 +84,11 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
               flush=True)
     max_length = models.max_length(recipe.data.max_length, model.config, default_cap=512)
 
-    # 4. Tokenize: [CLS] text [SEP] (pair [SEP]), cut at max_length; labels as ids.
+    # 4. Tokenize: [CLS] text [SEP] (pair [SEP]), cut at max_length; labels as ids. The eval split runs
+    #    longest first: its metrics do not depend on the order, and like lengths pad less.
     train_ds = encode(train_raw, tokenizer, recipe, spec, max_length, names, by_index)
     eval_ds = encode(eval_raw, tokenizer, recipe, spec, max_length, names, by_index) if eval_raw else None
+    eval_ds = training.longest_first(eval_ds) if eval_ds is not None else None
 
     # 5. LoRA: adapters on the encoder; the head and the new layers stay fully trainable and are saved.
     if recipe.method == "lora":

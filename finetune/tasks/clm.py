@@ -292,7 +292,7 @@ def check_source(source, whole: bool) -> tuple[list[str], list[str], object, str
             train_raw = load_source(d.train, key, d.train_split, d.config)
         eval_raw = load_source(d.eval, "data.eval", d.eval_split or "validation", d.config) if whole and d.eval else None
     except UserError as e:
-        rows = chat.read_rows(None, d.train)  # JSON Lines that datasets cannot load (mixed types): row by row
+        rows = list(chat.read_rows(None, d.train))  # JSON Lines that datasets cannot load (mixed types): row by row
         if not rows:
             return e.problems, notes, None, ""
         columns = list(dict.fromkeys(k for r in rows for k in r))
