@@ -60,13 +60,16 @@ def prepare(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepar
             print(f"data: {len(train):,} prepared rows from the cache ({folder})", flush=True)
             return Prepared(train, eval_ds, meta["format"], meta["templated"], new_tokens, folder)
         start = time.perf_counter()
-        prepared = build(recipe, tokenizer, max_length, packing)
-        took = time.perf_counter() - start
         if key is None:
-            return prepared
-        meta = {"format": prepared.fmt, "templated": prepared.templated, "rows": len(prepared.train),
-                "seconds": round(took, 1)}
-        folder = datacache.store(key, prepared.train, prepared.eval, meta, d.num_proc)
+            return build(recipe, tokenizer, max_length, packing)
+        # Tokenized and packed steps are written to a scratch folder, which goes once the entry is
+        # stored: beside the source they would stay, about twice the entry's size again on disk.
+        with datacache.scratch() as scratch, D.writing_to(Path(scratch)):
+            prepared = build(recipe, tokenizer, max_length, packing)
+            took = time.perf_counter() - start
+            meta = {"format": prepared.fmt, "templated": prepared.templated, "rows": len(prepared.train),
+                    "seconds": round(took, 1)}
+            folder = datacache.store(key, prepared.train, prepared.eval, meta, d.num_proc)
         train, eval_ds, _ = datacache.load(key)  # type: ignore[misc]  # the stored copy: mapped, not in memory
         print(f"data: prepared {len(train):,} rows in {took:.0f} s; cached for the next run ({folder})", flush=True)
         return dataclasses.replace(prepared, train=train, eval=eval_ds, cache=folder)

@@ -7,6 +7,10 @@ small validation split is held out of train with the recipe's seed.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
+import uuid
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
@@ -134,15 +138,34 @@ def columns_of(ds) -> list[str]:
     return list(next(iter(ds.take(1)), {}))
 
 
+# Where map_batches writes a Dataset's results: the datasets cache beside the source (None), or a
+# folder the caller removes once it has kept what it needs (`writing_to`).
+_SCRATCH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("scratch", default=None)
+
+
+@contextlib.contextmanager
+def writing_to(folder: Path):
+    """Steps of map_batches inside this block write their Arrow files into `folder`, not beside the
+    source in the datasets cache, where every intermediate step of a large corpus would stay."""
+    token = _SCRATCH.set(folder)
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
 def map_batches(ds, fn, names: list[str], desc: str, num_proc: int | None = None, batch_size: int = 1000):
-    """`ds.map(fn, batched=True)` into int32 columns `names`, for a Dataset (written to the datasets cache,
-    `num_proc` processes) or a stream (lazily, as it is read)."""
+    """`ds.map(fn, batched=True)` into int32 columns `names`, for a Dataset (written to the datasets cache
+    or the `writing_to` folder, `num_proc` processes) or a stream (lazily, as it is read)."""
     import datasets
 
     features = datasets.Features({n: datasets.List(datasets.Value(IDS)) for n in names})
     kwargs = {"batched": True, "batch_size": batch_size, "remove_columns": columns_of(ds), "features": features}
     if isinstance(ds, datasets.IterableDataset):
         return ds.map(fn, **kwargs)
+    scratch = _SCRATCH.get()
+    if scratch is not None:
+        kwargs["cache_file_name"] = str(scratch / f"{uuid.uuid4().hex}.arrow")
     return ds.map(fn, desc=desc, num_proc=num_proc if num_proc and num_proc > 1 and len(ds) > batch_size else None,
                   **kwargs)
 

@@ -58,6 +58,15 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
+def scratch():
+    """A folder for the intermediate steps of one build, removed with everything in it when the block
+    ends (the entry keeps only the result)."""
+    import tempfile
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".build-", dir=cache_root())
+
+
 def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"pipeline": PIPELINE, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

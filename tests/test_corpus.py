@@ -202,6 +202,31 @@ def test_second_run_reads_the_cache_and_a_new_tokenizer_or_template_misses(tiny_
     assert calls
 
 
+def test_a_build_leaves_only_its_entry_on_disk(tiny_gpt, tmp_path, monkeypatch):
+    """Tokenized and packed intermediate steps are not left in the datasets cache beside the source."""
+    from pathlib import Path
+
+    import datasets
+    import pyarrow as pa
+
+    from finetune import datacache
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # this test's files only
+    data = numbered(tmp_path / "leftovers.jsonl", "doc", 3000)
+    prepared, _ = prepare(recipe_for(tiny_gpt, data, **{"data.packing": True, "data.num_proc": 2}))
+    assert prepared.cache is not None and len(prepared.train) > 0
+
+    def token_files(root: Path) -> list[Path]:
+        return [f for f in root.rglob("*.arrow") if "input_ids" in pa.ipc.open_stream(f.open("rb")).schema.names]
+
+    root = tmp_path / "cache"
+    entry = token_files(prepared.cache)
+    assert root in prepared.cache.parents and list(root.rglob("*.arrow")) != entry
+    assert entry and [f for f in token_files(root) if prepared.cache not in f.parents] == []
+    assert list(datacache.cache_root().glob(".build-*")) == []
+    assert sorted(prepared.train[0]) == ["input_ids", "labels", "position_ids"]  # the entry is what is read
+
+
 def test_prepare_command_then_the_run_starts_from_the_cache(tiny_gpt, toy_text, tmp_path):
     code, out, err = invoke("prepare", "--model", tiny_gpt, "--data", toy_text, "--method", "full")
     assert code == 0, err
