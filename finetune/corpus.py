@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -209,7 +210,7 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
                                               .take(per_source)))
         part = sources.rank_part(raw.skip(n_eval) if n_eval else raw, rank, world)
         if d.shuffle_buffer:
-            part = part.shuffle(seed=seed, buffer_size=d.shuffle_buffer)
+            part = sources.shuffled(part, seed, d.shuffle_buffer)
         if s.max_samples:
             part = part.take(s.max_samples)
         opened.append((src, head[0], fmt, part, held_out))
@@ -237,7 +238,7 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
         eval_ds = D.packed_dataset(eval_ds, max_length) if eval_ds is not None else None
     print(f"data: streaming {len(opened)} source{'s' if len(opened) > 1 else ''}"
           + (f", process {rank} of {world} reads its own part" if world > 1 else "")
-          + (f"; rows shuffled in a buffer of {d.shuffle_buffer:,}" if d.shuffle_buffer else "; in file order"),
+          + (f"; rows shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer else "; in file order"),
           flush=True)
     return Prepared(train, eval_ds, fmt, templated, new_tokens)
 
@@ -255,15 +256,38 @@ def head_problems(head: list[dict], fmt: str, spec: DataSpec, key: str) -> list[
     return []
 
 
-def own_dataloader(trainer) -> None:
+STREAM_STATE = "stream-state-{rank}.json"  # in each checkpoint: where each process's stream was
+
+
+def own_dataloader(trainer, checkpoint: str | None) -> None:
     """A stream is already split between the processes (`sources.rank_part`); the Trainer's accelerate
     would split it again and drop part of each process's rows, so training reads it with a plain
-    DataLoader. Resuming, the Trainer skips the batches already trained (the stream replays
-    deterministically for a seed), so training continues at the next unseen row."""
+    DataLoader, in this process (its position is the stream's state, which workers would not share).
+
+    Each checkpoint keeps every process's stream state; resumed, the stream continues from it: the
+    Trainer does not replay the batches already trained, and the stream re-reads at most its current
+    chunk (a tokenization batch, a packing window, a shuffle chunk) to find the next row. A checkpoint
+    without the state (written before it was kept) resumes by replaying the stream from its start."""
     from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+
+    stream, rank = trainer.train_dataset, int(os.environ.get("RANK", "0"))
 
     def get_train_dataloader():
-        return DataLoader(trainer.train_dataset, batch_size=trainer._train_batch_size, collate_fn=trainer.data_collator,
-                          num_workers=trainer.args.dataloader_num_workers, pin_memory=trainer.args.dataloader_pin_memory)
+        return DataLoader(stream, batch_size=trainer._train_batch_size, collate_fn=trainer.data_collator,
+                          num_workers=0, pin_memory=trainer.args.dataloader_pin_memory)
+
+    class KeepStreamState(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():  # before the manifest is written (this callback comes first)
+                (folder / STREAM_STATE.format(rank=rank)).write_text(json.dumps(stream.state_dict()))
 
     trainer.get_train_dataloader = get_train_dataloader
+    trainer.callback_handler.callbacks.insert(0, KeepStreamState())
+    saved = Path(checkpoint) / STREAM_STATE.format(rank=rank) if checkpoint else None
+    if saved is not None and saved.is_file():
+        stream.load_state_dict(json.loads(saved.read_text()))
+        trainer.args.ignore_data_skip = True
+        if rank == 0:
+            print(f"data: the stream continues where {Path(checkpoint).name} left it", flush=True)

@@ -154,11 +154,15 @@ def writing_to(folder: Path):
         _SCRATCH.reset(token)
 
 
-def map_batches(ds, fn, names: list[str], desc: str, num_proc: int | None = None, batch_size: int = 1000):
+MAP_BATCH = 1000  # rows per call of a batched map (tokenization)
+
+
+def map_batches(ds, fn, names: list[str], desc: str, num_proc: int | None = None, batch_size: int | None = None):
     """`ds.map(fn, batched=True)` into int32 columns `names`, for a Dataset (written to the datasets cache
     or the `writing_to` folder, `num_proc` processes) or a stream (lazily, as it is read)."""
     import datasets
 
+    batch_size = batch_size or MAP_BATCH
     features = datasets.Features({n: datasets.List(datasets.Value(IDS)) for n in names})
     kwargs = {"batched": True, "batch_size": batch_size, "remove_columns": columns_of(ds), "features": features}
     if isinstance(ds, datasets.IterableDataset):

@@ -11,6 +11,7 @@ source in order (no weights), or sampled with the weights as probabilities
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from finetune.errors import UserError
@@ -207,6 +208,33 @@ def mix(parts: list, weights: list[float | None], seed: int, stopping_strategy: 
     total = sum(weights)  # type: ignore[arg-type]
     return datasets.interleave_datasets(parts, probabilities=[w / total for w in weights],  # type: ignore[operator]
                                         seed=seed, stopping_strategy=stopping_strategy)
+
+
+class EmptyBufferNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer of a dataset without the buffer content" not in record.getMessage()
+
+
+def shuffled(stream, seed: int, chunk: int):
+    """A stream's files (shards) in a seeded order, and its rows permuted within consecutive chunks of
+    `chunk` rows, each chunk by its own seeded permutation.
+
+    Not `IterableDataset.shuffle(buffer_size=chunk)`: the rows its buffer holds are not part of the
+    stream's state, so a run resumed from that state would skip them. A chunk is: resumed, the stream
+    re-reads the current chunk from its start and skips the rows already yielded, so it continues at
+    exactly the next row of the uninterrupted order."""
+    import numpy as np
+
+    def permute(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        order = np.random.default_rng([seed, indices[0] // chunk]).permutation(len(indices))
+        return {k: [v[i] for i in order] for k, v in batch.items()}
+
+    # buffer_size=1: the shard order alone is shuffled, and no row is ever held back (so datasets'
+    # warning that a resumed buffer starts empty does not apply)
+    stream_log = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, EmptyBufferNote) for f in stream_log.filters):
+        stream_log.addFilter(EmptyBufferNote())
+    return stream.shuffle(seed=seed, buffer_size=1).map(permute, batched=True, batch_size=chunk, with_indices=True)
 
 
 def rank_part(stream, rank: int, world: int):

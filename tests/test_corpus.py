@@ -88,7 +88,7 @@ def test_sources_keep_their_own_columns_and_formats(tiny_gpt, tmp_path):
 def test_a_stream_packs_the_same_blocks_as_the_prepared_data(tiny_gpt, tmp_path):
     """In file order (data.shuffle_buffer: 0), the stream's blocks are the prepared dataset's blocks,
     in the same order. Shuffled, they differ in order (BENCHMARKS.md, data at scale): the prepared data
-    is shuffled whole by the Trainer's sampler, a stream within a buffer of rows."""
+    is shuffled whole by the Trainer's sampler, a stream within chunks of rows."""
     path = numbered(tmp_path / "a.jsonl", "red", 300)
     sets = {"data.packing": True, "data.eval_fraction": 0, "data.shuffle_buffer": 0}
     whole, _ = prepare(recipe_for(tiny_gpt, path, **sets))
@@ -136,30 +136,60 @@ def trained_batches(monkeypatch) -> list:
     return seen
 
 
-def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatch):
+def rows_read_in_training(monkeypatch) -> list:
+    """The number of every row a stream reads from its file while training runs (not while it is checked)."""
+    from transformers import TrainerCallback
+
+    from finetune import sources
+
+    read, load_stream = [], sources.load_stream
+
+    def recording(*args, **kwargs):
+        return load_stream(*args, **kwargs).map(lambda row: read.append(int(row["text"].split()[1])) or row)
+
+    class Clear(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            read.clear()
+
+    monkeypatch.setattr(sources, "load_stream", recording)
+    return read, Clear()
+
+
+def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatch, capsys):
     """Stopped at step 5 and resumed: the resumed run trains on exactly the batches the uninterrupted run
-    trained on after step 4 (no repeats, no gaps), and ends with the same weights."""
+    trained on after step 5 (no repeats, no gaps), ends with the same weights, and continues the stream
+    from its saved state: it re-reads only the current shuffle chunk, not the rows before it."""
     from test_run import assert_same_weights, at_step, sigterm
 
+    from finetune import data as D
     from finetune.errors import Stopped
     from finetune.run import execute, resolve
 
+    monkeypatch.setattr(D, "MAP_BATCH", 10)  # small batches and windows, so that 8 steps span several chunks
+    monkeypatch.setattr(D, "PACK_WINDOW", 10)
     path = numbered(tmp_path / "a.jsonl", "red", 200)
     sets = {"data.streaming": True, "data.shuffle_buffer": 50, "data.max_eval_samples": 8}
-    whole = trained_batches(monkeypatch)
-    execute(recipe_for(tiny_gpt, path, tmp_path / "whole", **sets))
-    assert len(whole) == 8
-    monkeypatch.undo()
+    batches = trained_batches(monkeypatch)
+    read, clear = rows_read_in_training(monkeypatch)
+    execute(recipe_for(tiny_gpt, path, tmp_path / "whole", **sets), callbacks=[clear])
+    assert len(batches) == 8 and min(read) == 0  # rows 0-7 are held out for evaluation, then skipped
+    whole, whole_reads = list(batches), len(read)
 
-    parts = trained_batches(monkeypatch)
+    batches.clear()
     with pytest.raises(Stopped):
-        execute(recipe_for(tiny_gpt, path, tmp_path / "cut", **sets), callbacks=[at_step(6, sigterm)])
-    assert len(parts) == 6  # the stop comes as step 6 begins: the step finishes and is saved
-    first = list(parts)
-    parts.clear()
-    execute(resolve(None, None, {"train.output_dir": str(tmp_path / "cut")}, None, resume=True), resume=True)
-    assert first + parts == whole
+        execute(recipe_for(tiny_gpt, path, tmp_path / "cut", **sets), callbacks=[clear, at_step(6, sigterm)])
+    assert len(batches) == 6  # the stop comes as step 6 begins: the step finishes and is saved
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "stream-state-0.json").is_file()
+    first = list(batches)
+    batches.clear()
+    capsys.readouterr()
+    execute(resolve(None, None, {"train.output_dir": str(tmp_path / "cut")}, None, resume=True), resume=True,
+            callbacks=[clear])
+    assert "data: the stream continues where checkpoint-6 left it" in capsys.readouterr().out.splitlines()
+    assert first + batches == whole
     assert_same_weights(tmp_path / "cut", tmp_path / "whole")
+    assert min(read) >= 8 + 50 and (min(read) - 8) % 50 == 0  # the start of a later chunk (after the 8 held out)
+    assert len(read) < whole_reads
 
 
 def test_second_run_reads_the_cache_and_a_new_tokenizer_or_template_misses(tiny_gpt, tmp_path, monkeypatch):

@@ -74,7 +74,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                       data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if d.streaming:
-        corpus.own_dataloader(trainer)
+        corpus.own_dataloader(trainer, checkpoint)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     if templated and recipe.method != "lora":  # plain transformers `generate` then stops at the end of a turn
