@@ -191,6 +191,10 @@ def window_fill(model: Path, corpus: Path, docs: int = 50_000) -> tuple[float, f
     return total / (windowed * MAX_LENGTH), total / (whole * MAX_LENGTH)
 
 
+def folder_gb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -200,6 +204,8 @@ def main() -> None:
     parser.add_argument("--old-limit-gib", type=float, default=16.0)
     parser.add_argument("--skip-old", action="store_true")
     parser.add_argument("--num-proc", type=int, default=2, help="data.num_proc of an extra cold run")
+    parser.add_argument("--only", default=None, help="comma-separated contenders to run (old, new, new-again, "
+                        "new-num_proc, stream); new-again reads the cache that new left in --work")
     parser.add_argument("--work", default=None, help="folder for the corpus, caches and runs (default: a temp dir)")
     args = parser.parse_args()
     if args.child:
@@ -215,22 +221,29 @@ def main() -> None:
               flush=True)
     model = build_model(work, corpus)
     rows = []
-    if not args.skip_old:
+    wanted = set(args.only.split(",")) if args.only else {"old", "new", "new-again", "new-num_proc", "stream"}
+    if args.skip_old:
+        wanted.discard("old")
+    if "old" in wanted:
         old = work / "old-code"
         if not old.is_dir():
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.old_ref], check=True)
         rows.append(run_contender("old", old, model, corpus, work, work / "cache-old", args.steps, {},
                                   args.old_limit_gib))
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
-    for cache in ("cache-new", "cache-new-procs"):
-        shutil.rmtree(work / cache, ignore_errors=True)
-    rows.append(run_contender("new", REPO, model, corpus, work, work / "cache-new", args.steps, {}))
-    rows.append(run_contender("new-again", REPO, model, corpus, work, work / "cache-new", args.steps, {}))
-    if args.num_proc > 1:
+    if "new" in wanted:
+        shutil.rmtree(work / "cache-new", ignore_errors=True)
+        rows.append(run_contender("new", REPO, model, corpus, work, work / "cache-new", args.steps, {}))
+        rows[-1]["cache_gb"] = folder_gb(work / "cache-new")
+    if "new-again" in wanted:
+        rows.append(run_contender("new-again", REPO, model, corpus, work, work / "cache-new", args.steps, {}))
+    if "new-num_proc" in wanted and args.num_proc > 1:
+        shutil.rmtree(work / "cache-new-procs", ignore_errors=True)
         rows.append(run_contender(f"new-num_proc-{args.num_proc}", REPO, model, corpus, work, work / "cache-new-procs",
                                   args.steps, {"data.num_proc": args.num_proc}))
-    rows.append(run_contender("stream", REPO, model, corpus, work, work / "cache-stream", args.steps,
-                              {"data.streaming": True}))
+    if "stream" in wanted:
+        rows.append(run_contender("stream", REPO, model, corpus, work, work / "cache-stream", args.steps,
+                                  {"data.streaming": True}))
     pipeline = pipeline_throughput(model, corpus)
     windowed, whole = window_fill(model, corpus)
 
@@ -245,6 +258,9 @@ def main() -> None:
         else:
             print(f"| {r['name']} | failed after {r['wall_s']:,.0f} s (exit {r['exit']}: {r['failed']}) | "
                   f"{r['peak_rss_gib']:.2f} | |")
+    for r in rows:
+        if "cache_gb" in r:
+            print(f"\ndatasets cache after {r['name']}: {r['cache_gb']:.2f} GB (the JSON's Arrow and the prepared entry)")
     stream_row = next((r for r in rows if r["name"] == "stream" and "train_tokens_per_s" in r), None)
     ratio = f" ({pipeline / stream_row['train_tokens_per_s']:,.0f}x training)" if stream_row else ""
     print(f"\npacked stream alone: {pipeline:,.0f} tokens/s{ratio}")
