@@ -271,7 +271,10 @@ def own_dataloader(trainer, checkpoint: str | None) -> None:
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
 
-    stream, rank = trainer.train_dataset, int(os.environ.get("RANK", "0"))
+    # A stream that runs out before train.max_steps starts again, in the same order. The Trainer sees one
+    # endless pass, so the stream's saved state says which repetition it was in (the Trainer's own epochs
+    # would restart the stream from the saved state instead of from its beginning).
+    stream, rank = trainer.train_dataset.repeat(None), int(os.environ.get("RANK", "0"))
 
     def get_train_dataloader():
         return DataLoader(stream, batch_size=trainer._train_batch_size, collate_fn=trainer.data_collator,

@@ -132,10 +132,11 @@ IDS = "int32"  # token ids, positions and labels (-100) as int32: half the cache
 
 
 def columns_of(ds) -> list[str]:
-    """Column names; a stream of JSON rows knows them only from its first row."""
+    """Column names; a stream of JSON rows knows them only from its first row. (Not `ds.take(1)`: on a
+    stream split between processes, take counts rows before the split, so most processes get none.)"""
     if ds.column_names is not None:
         return list(ds.column_names)
-    return list(next(iter(ds.take(1)), {}))
+    return list(next(iter(ds), {}))
 
 
 # Where map_batches writes a Dataset's results: the datasets cache beside the source (None), or a

@@ -234,7 +234,8 @@ def shuffled(stream, seed: int, chunk: int):
     stream_log = logging.getLogger("datasets.iterable_dataset")
     if not any(isinstance(f, EmptyBufferNote) for f in stream_log.filters):
         stream_log.addFilter(EmptyBufferNote())
-    return stream.shuffle(seed=seed, buffer_size=1).map(permute, batched=True, batch_size=chunk, with_indices=True)
+    return stream.shuffle(seed=seed, buffer_size=1).map(permute, batched=True, batch_size=chunk, with_indices=True,
+                                                         features=stream.features)
 
 
 def rank_part(stream, rank: int, world: int):

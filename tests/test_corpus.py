@@ -192,6 +192,33 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
     assert len(read) < whole_reads
 
 
+def test_a_stream_that_runs_out_starts_again_and_resumes_in_its_repetition(tiny_gpt, tmp_path, monkeypatch):
+    """40 rows last about two steps: the stream starts again (the same blocks in the same order), and a
+    run stopped in its third pass resumes there, not at the first pass's saved position."""
+    from test_run import assert_same_weights, at_step, sigterm
+
+    from finetune.errors import Stopped
+    from finetune.run import execute, resolve
+
+    path = numbered(tmp_path / "a.jsonl", "red", 40)
+    sets = {"data.streaming": True, "data.shuffle_buffer": 10, "data.max_eval_samples": 4}
+    batches = trained_batches(monkeypatch)
+    execute(recipe_for(tiny_gpt, path, tmp_path / "whole", **sets))
+    whole = [row for batch in batches for row in batch]
+    period = next(n for n in range(1, len(whole)) if whole[n:] == whole[:len(whole) - n])
+    assert len(whole) == 32 and 2 * period < 28 and 28 % period  # the stop below falls inside the third pass
+
+    batches.clear()
+    with pytest.raises(Stopped):
+        execute(recipe_for(tiny_gpt, path, tmp_path / "cut", **sets), callbacks=[at_step(7, sigterm)])
+    first = [row for batch in batches for row in batch]
+    assert len(first) == 28
+    batches.clear()
+    execute(resolve(None, None, {"train.output_dir": str(tmp_path / "cut")}, None, resume=True), resume=True)
+    assert first + [row for batch in batches for row in batch] == whole
+    assert_same_weights(tmp_path / "cut", tmp_path / "whole")
+
+
 def test_second_run_reads_the_cache_and_a_new_tokenizer_or_template_misses(tiny_gpt, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
