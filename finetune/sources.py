@@ -240,9 +240,16 @@ def shuffled(stream, seed: int, chunk: int):
 
 def rank_part(stream, rank: int, world: int):
     """This process's part of a stream: whole files when there are as many as processes (a multiple),
-    else every world-th row. The parts are disjoint and together the whole stream."""
+    else every world-th row. The parts are disjoint and together the whole stream.
+
+    Rows are kept by a filter rather than `split_dataset_by_node`, which for a stream that cannot be
+    split by files keeps every world-th example at the end of the whole pipeline: each process would
+    tokenize and pack every row of the stream and keep its share of the blocks. Filtered here, each
+    process reads every row but tokenizes and packs only its own."""
     if world == 1:
         return stream
-    from datasets.distributed import split_dataset_by_node
+    if stream.num_shards % world == 0:
+        from datasets.distributed import split_dataset_by_node
 
-    return split_dataset_by_node(stream, rank=rank, world_size=world)
+        return split_dataset_by_node(stream, rank=rank, world_size=world)
+    return stream.filter(lambda _, i: i % world == rank, with_indices=True)

@@ -120,6 +120,8 @@ def test_processes_read_disjoint_parts_of_a_stream(tiny_gpt, tmp_path, monkeypat
         assert len(seen[0]) + len(seen[1]) == (80 if files == 2 else 41)
         if files == 2:  # as many files as processes: each process reads one file of its own
             assert sorted(len({s.split()[0] for s in part}) for part in seen) == [1, 1]
+        else:  # one file: each process keeps every second row of it, before tokenizing
+            assert [{int(s.split()[1]) % 2 for s in part} for part in seen] == [{0}, {1}]
 
 
 def trained_batches(monkeypatch) -> list:
