@@ -209,8 +209,6 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
             held_out = Dataset.from_list(list(sources.load_stream(s.train, src.key, d.eval_split, s.config)
                                               .take(per_source)))
         part = sources.rank_part(raw.skip(n_eval) if n_eval else raw, rank, world)
-        if d.shuffle_buffer:
-            part = sources.shuffled(part, seed, d.shuffle_buffer)
         if s.max_samples:
             part = part.take(s.max_samples)
         opened.append((src, head[0], fmt, part, held_out))
@@ -236,9 +234,11 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
     if packing:
         train = D.packed_dataset(train, max_length)
         eval_ds = D.packed_dataset(eval_ds, max_length) if eval_ds is not None else None
+    if d.shuffle_buffer:  # the training rows (blocks, when packed), as the last step: see sources.shuffled
+        train = sources.shuffled(train, seed, d.shuffle_buffer)
     print(f"data: streaming {len(opened)} source{'s' if len(opened) > 1 else ''}"
           + (f", process {rank} of {world} reads its own part" if world > 1 else "")
-          + (f"; rows shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer else "; in file order"),
+          + (f"; {'blocks' if packing else 'rows'} shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer else "; in file order"),
           flush=True)
     return Prepared(train, eval_ds, fmt, templated, new_tokens)
 

@@ -91,7 +91,8 @@ class DataSpec(Spec):
     stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"  # a weighted mixture ends
     # when one source runs out (all_exhausted: when every source was seen, repeating the smaller ones)
     streaming: bool = False  # read data.train as a stream (nothing materialised); needs train.max_steps
-    shuffle_buffer: int = Field(10_000, ge=0)  # streaming: rows shuffled within chunks this long; 0: file order
+    shuffle_buffer: int = Field(1_000, ge=0)  # streaming: training rows (blocks, when packed) shuffled within
+    # chunks this long; 0: file order. Held in memory as Python lists: 1,000 blocks of 512 tokens are ~55 MB
     num_proc: int | None = Field(None, gt=0)  # processes that tokenize and pack (unset: one)
     cache: bool = True  # keep tokenized, packed data in the datasets cache (a rerun starts in seconds)
 

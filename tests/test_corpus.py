@@ -160,17 +160,17 @@ def rows_read_in_training(monkeypatch) -> list:
 def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatch, capsys):
     """Stopped at step 5 and resumed: the resumed run trains on exactly the batches the uninterrupted run
     trained on after step 5 (no repeats, no gaps), ends with the same weights, and continues the stream
-    from its saved state: it re-reads only the current shuffle chunk, not the rows before it."""
+    from its saved state: it re-reads only the rows of its current chunk, not those before it."""
     from test_run import assert_same_weights, at_step, sigterm
 
     from finetune import data as D
     from finetune.errors import Stopped
     from finetune.run import execute, resolve
 
-    monkeypatch.setattr(D, "MAP_BATCH", 10)  # small batches and windows, so that 8 steps span several chunks
+    monkeypatch.setattr(D, "MAP_BATCH", 10)  # small batches, windows and chunks: 8 steps span several
     monkeypatch.setattr(D, "PACK_WINDOW", 10)
     path = numbered(tmp_path / "a.jsonl", "red", 200)
-    sets = {"data.streaming": True, "data.shuffle_buffer": 50, "data.max_eval_samples": 8}
+    sets = {"data.streaming": True, "data.shuffle_buffer": 8, "data.max_eval_samples": 8}
     batches = trained_batches(monkeypatch)
     read, clear = rows_read_in_training(monkeypatch)
     execute(recipe_for(tiny_gpt, path, tmp_path / "whole", **sets), callbacks=[clear])
@@ -190,8 +190,7 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
     assert "data: the stream continues where checkpoint-6 left it" in capsys.readouterr().out.splitlines()
     assert first + batches == whole
     assert_same_weights(tmp_path / "cut", tmp_path / "whole")
-    assert min(read) >= 8 + 50 and (min(read) - 8) % 50 == 0  # the start of a later chunk (after the 8 held out)
-    assert len(read) < whole_reads
+    assert min(read) > 8 and len(read) < whole_reads  # not from the start (rows 0-7 are held out)
 
 
 def test_a_stream_that_runs_out_starts_again_and_resumes_in_its_repetition(tiny_gpt, tmp_path, monkeypatch):
