@@ -371,38 +371,20 @@ def test_validate_lists_every_source_with_its_share(tiny_gpt, tmp_path):
 @pytest.mark.slow
 def test_a_two_process_stream_stops_and_resumes_bit_exact(tiny_gpt, tmp_path):
     """Two processes, each reading its own part of the stream through its own DataLoader: SIGTERM, then
-    --resume, ends with the weights of an uninterrupted two-process run."""
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
-    from test_run import assert_same_weights
+    --resume, ends with the weights of an uninterrupted two-process run (the stream runs out and starts
+    again on the way: 3,000 short rows, 120 steps)."""
+    from test_run import assert_same_weights, finish, stop_with_sigterm
 
     data = numbered(tmp_path / "a.jsonl", "red", 3000)
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     common = ["full", "--model", tiny_gpt, "--data", data, "--max-steps", "120", "-n", "2",
               "--set", "data.streaming=true", "--set", "data.shuffle_buffer=200", "--set", "train.logging_steps=1",
               "--set", "train.save_steps=1000", "--set", "data.max_eval_samples=8"]
-    whole = subprocess.run([sys.executable, "-m", "finetune", *common, "-o", str(tmp_path / "whole")], env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    whole = finish([*common, "-o", str(tmp_path / "whole")])
     assert "data: streaming 1 source, process 0 of 2 reads its own part" in whole.stdout
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *common, "-o", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while len((out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []) < 10:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, output[-3000:]
-    step = int(re.search(r"interrupted at step (\d+)", output).group(1))
-    resumed = subprocess.run([sys.executable, "-m", "finetune", "full", "--resume", "-o", str(out)], env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    step = stop_with_sigterm(common, out, after_lines=10)
+    assert (out / "checkpoints" / f"checkpoint-{step}" / "stream-state-1.json").is_file()
+    resumed = finish(["full", "--resume", "-o", str(out)])
     assert f"resuming from checkpoint-{step} (step {step})" in resumed.stdout
+    assert "data: the stream continues where" in resumed.stdout
     assert_same_weights(out, tmp_path / "whole")

@@ -352,38 +352,48 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tiny_gpt, toy_text, tmp_
     assert f"continue with: finetune full --resume -o {out}" in stderr
 
 
-@pytest.mark.slow
-def test_sigterm_in_a_two_process_run_resumes_bit_exact(tiny_gpt, toy_text, tmp_path):
-    """SIGTERM to the launcher: both ranks stop at the same step and save; resuming with two processes
-    ends with the weights of an uninterrupted two-process run."""
+def cli_env() -> dict[str, str]:
+    """The environment of a `python -m finetune` subprocess: this checkout, one torch thread."""
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def finish(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "finetune", *command], env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def stop_with_sigterm(command: list[str], out: Path, after_lines: int) -> int:
+    """Start `finetune COMMAND -o OUT`, send SIGTERM once its log.jsonl has `after_lines` lines, and
+    return the step it says it stopped (and saved) at."""
     import re
 
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    common = ["full", "--model", tiny_gpt, "--data", toy_text, "--max-steps", "400", "-n", "2",
-              "--set", "train.logging_steps=1", "--set", "train.save_steps=1000", "--set", "data.max_eval_samples=8"]
-
-    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "finetune", *common, "-o", str(out), *extra], env=env,
-                              capture_output=True, text=True, timeout=600)
-
-    whole = tmp_path / "whole"
-    assert run(whole).returncode == 0
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *common, "-o", str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *command, "-o", str(out)], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while len((out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []) < 3:
+    while len((out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []) < after_lines:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, output[-3000:]
-    step = int(re.search(r"interrupted at step (\d+)", output).group(1))
+    return int(re.search(r"interrupted at step (\d+)", output).group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_two_process_run_resumes_bit_exact(tiny_gpt, toy_text, tmp_path):
+    """SIGTERM to the launcher: both ranks stop at the same step and save; resuming with two processes
+    ends with the weights of an uninterrupted two-process run."""
+    common = ["full", "--model", tiny_gpt, "--data", toy_text, "--max-steps", "400", "-n", "2",
+              "--set", "train.logging_steps=1", "--set", "train.save_steps=1000", "--set", "data.max_eval_samples=8"]
+    whole = tmp_path / "whole"
+    finish([*common, "-o", str(whole)])
+    out = tmp_path / "run"
+    step = stop_with_sigterm(common, out, after_lines=3)
     checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert {"rng_state_0.pth", "rng_state_1.pth", "manifest.json"} <= {p.name for p in checkpoint.iterdir()}
-    resumed = subprocess.run([sys.executable, "-m", "finetune", "full", "--resume", "-o", str(out)], env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = finish(["full", "--resume", "-o", str(out)])
     assert f"resuming from checkpoint-{step} (step {step})" in resumed.stdout
     assert_same_weights(out, whole)
 
