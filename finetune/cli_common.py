@@ -38,6 +38,9 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # peft, saving a checkpoint of a LoRA run whose chat template added tokens: checkpoints keep the
+        # whole embedding matrix (for resuming), the finished run only the new rows; nothing to act on
+        warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`", category=UserWarning)
     try:
         return fn()
     except UserError as e:

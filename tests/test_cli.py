@@ -227,3 +227,20 @@ def test_two_processes_train_on_disjoint_data_and_write_once(tiny_gpt_lm, toy_qa
     assert metrics["world_size"] == 2
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # one writer, each step once
+
+
+def test_peft_note_on_saving_grown_embeddings_is_not_shown():
+    """A LoRA run whose chat template added tokens: peft's note at each save says nothing to act on."""
+    import warnings
+
+    from finetune.cli_common import guarded
+
+    def save():
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                      "finetuning.", UserWarning)
+        warnings.warn("something else", UserWarning)
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        guarded(False, save)
+    assert [str(w.message) for w in shown] == ["something else"]
