@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from words import zipf_vocabulary  # benchmarks/words.py: this script's folder is on the path
+
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH, BATCH = 512, 8
 
@@ -47,9 +49,7 @@ MAX_LENGTH, BATCH = 512, 8
 def write_corpus(path: Path, gb: float, seed: int = 0) -> int:
     """Documents of 20-2,000 words (log-normal, median ~250) until the file holds `gb` gigabytes."""
     rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ren", "to", "sha", "vel", "dor", "an", "is", "que", "bri", "mon", "tal"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)})
-    weights = [1 / (i + 1) for i in range(len(words))]  # Zipf
+    words, weights = zipf_vocabulary(rng)
     pool = []
     for _ in range(20_000):
         count = int(min(2000, max(20, rng.lognormvariate(math.log(250), 0.9))))

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from words import zipf_vocabulary  # benchmarks/words.py: this script's folder is on the path
+
 MAX_LENGTH, BATCH = 256, 8
 
 
@@ -46,9 +48,7 @@ MAX_LENGTH, BATCH = 256, 8
 def write_corpus(path: Path, n: int, seed: int = 0) -> None:
     """Paragraphs whose token counts spread over 8-150 like prose paragraphs (log-normal)."""
     rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ren", "to", "sha", "vel", "dor", "an", "is", "que", "bri", "mon", "tal"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)})
-    weights = [1 / (i + 1) for i in range(len(words))]  # Zipf
+    words, weights = zipf_vocabulary(rng)
     with path.open("w") as f:
         for _ in range(n):
             count = int(min(135, max(7, rng.lognormvariate(math.log(36), 0.75))))
