@@ -236,10 +236,10 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
         eval_ds = D.packed_dataset(eval_ds, max_length) if eval_ds is not None else None
     if d.shuffle_buffer:  # the training rows (blocks, when packed), as the last step: see sources.shuffled
         train = sources.shuffled(train, seed, d.shuffle_buffer)
+    order = f"{'blocks' if packing else 'rows'} shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer \
+        else "in file order"
     print(f"data: streaming {len(opened)} source{'s' if len(opened) > 1 else ''}"
-          + (f", process {rank} of {world} reads its own part" if world > 1 else "")
-          + (f"; {'blocks' if packing else 'rows'} shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer else "; in file order"),
-          flush=True)
+          + (f", process {rank} of {world} reads its own part" if world > 1 else "") + f"; {order}", flush=True)
     return Prepared(train, eval_ds, fmt, templated, new_tokens)
 
 
