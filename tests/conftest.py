@@ -90,15 +90,35 @@ def toy_text(tmp_path_factory) -> str:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a `python -m finetune` subprocess: this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def cli(*args: str, cwd=None, timeout: int = 600):
     """Run `python -m finetune ARGS` in a subprocess (the real entry point) with this checkout first
     on the path; returns the CompletedProcess with stdout/stderr as text."""
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args: str):
+    """`python -m finetune ARGS` started in a subprocess with one torch thread, stdout and stderr in one pipe."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], text=True,
+                            env={**cli_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc, timeout: int = 300) -> str:
+    """The output of a `start`ed command, which must succeed."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
 
 
 def invoke(*args: str):

@@ -138,8 +138,9 @@ def trained_batches(monkeypatch) -> list:
     return seen
 
 
-def rows_read_in_training(monkeypatch) -> list:
-    """The number of every row a stream reads from its file while training runs (not while it is checked)."""
+def rows_read_in_training(monkeypatch):
+    """(the list that gets the number of every row a stream reads from its file while training runs, not
+    while it is checked; the callback that starts the list afresh when training begins)."""
     from transformers import TrainerCallback
 
     from finetune import sources
@@ -158,8 +159,8 @@ def rows_read_in_training(monkeypatch) -> list:
 
 
 def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatch, capsys):
-    """Stopped at step 5 and resumed: the resumed run trains on exactly the batches the uninterrupted run
-    trained on after step 5 (no repeats, no gaps), ends with the same weights, and continues the stream
+    """Stopped at step 6 and resumed: the resumed run trains on exactly the batches the uninterrupted run
+    trained on after step 6 (no repeats, no gaps), ends with the same weights, and continues the stream
     from its saved state: it re-reads only the rows of its current chunk, not those before it."""
     from test_run import assert_same_weights, at_step, sigterm
 
@@ -373,18 +374,19 @@ def test_a_two_process_stream_stops_and_resumes_bit_exact(tiny_gpt, tmp_path):
     """Two processes, each reading its own part of the stream through its own DataLoader: SIGTERM, then
     --resume, ends with the weights of an uninterrupted two-process run (the stream runs out and starts
     again on the way: 3,000 short rows, 120 steps)."""
-    from test_run import assert_same_weights, finish, stop_with_sigterm
+    from conftest import finish, start
+    from test_run import assert_same_weights, stop_with_sigterm
 
     data = numbered(tmp_path / "a.jsonl", "red", 3000)
     common = ["full", "--model", tiny_gpt, "--data", data, "--max-steps", "120", "-n", "2",
               "--set", "data.streaming=true", "--set", "data.shuffle_buffer=200", "--set", "train.logging_steps=1",
               "--set", "train.save_steps=1000", "--set", "data.max_eval_samples=8"]
-    whole = finish([*common, "-o", str(tmp_path / "whole")])
-    assert "data: streaming 1 source, process 0 of 2 reads its own part" in whole.stdout
+    whole = finish(start(*common, "-o", tmp_path / "whole"))
+    assert "data: streaming 1 source, process 0 of 2 reads its own part" in whole
     out = tmp_path / "run"
     step = stop_with_sigterm(common, out, after_lines=10)
     assert (out / "checkpoints" / f"checkpoint-{step}" / "stream-state-1.json").is_file()
-    resumed = finish(["full", "--resume", "-o", str(out)])
-    assert f"resuming from checkpoint-{step} (step {step})" in resumed.stdout
-    assert "data: the stream continues where" in resumed.stdout
+    resumed = finish(start("full", "--resume", "-o", out))
+    assert f"resuming from checkpoint-{step} (step {step})" in resumed
+    assert "data: the stream continues where" in resumed
     assert_same_weights(out, tmp_path / "whole")

@@ -5,15 +5,12 @@ every rank and one writer."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, invoke
+from conftest import finish, invoke, start
 from finetune.launch import free_port
 from finetune.presets import preset_names, preset_path
 
@@ -141,18 +138,6 @@ def test_deepspeed_preset_on_cpu_is_refused(tiny_gpt, toy_text, tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # Real runs
-
-
-def start(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
 
 
 def saved_adapter_fingerprint(run_dir: Path) -> str:

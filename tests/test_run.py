@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, invoke, write_jsonl
+from conftest import cli_env, finish, invoke, start, write_jsonl
 
 
 def errors(stderr: str) -> list[str]:
@@ -331,10 +331,9 @@ def test_truncated_model_weights_are_named(tiny_gpt, toy_text, tmp_path):
 def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tiny_gpt, toy_text, tmp_path):
     """The real command and a real signal: stop after training has started, resume from what it saved."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "full", "--model", tiny_gpt, "--data", toy_text,
                              "-o", str(out), "--max-steps", "100000", "--set", "train.logging_steps=1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -352,25 +351,12 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tiny_gpt, toy_text, tmp_
     assert f"continue with: finetune full --resume -o {out}" in stderr
 
 
-def cli_env() -> dict[str, str]:
-    """The environment of a `python -m finetune` subprocess: this checkout, one torch thread."""
-    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def finish(command: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "finetune", *command], env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
 def stop_with_sigterm(command: list[str], out: Path, after_lines: int) -> int:
     """Start `finetune COMMAND -o OUT`, send SIGTERM once its log.jsonl has `after_lines` lines, and
     return the step it says it stopped (and saved) at."""
     import re
 
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *command, "-o", str(out)], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(*command, "-o", out)
     deadline = time.time() + 300
     while len((out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []) < after_lines:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -388,13 +374,13 @@ def test_sigterm_in_a_two_process_run_resumes_bit_exact(tiny_gpt, toy_text, tmp_
     common = ["full", "--model", tiny_gpt, "--data", toy_text, "--max-steps", "400", "-n", "2",
               "--set", "train.logging_steps=1", "--set", "train.save_steps=1000", "--set", "data.max_eval_samples=8"]
     whole = tmp_path / "whole"
-    finish([*common, "-o", str(whole)])
+    finish(start(*common, "-o", whole))
     out = tmp_path / "run"
     step = stop_with_sigterm(common, out, after_lines=3)
     checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert {"rng_state_0.pth", "rng_state_1.pth", "manifest.json"} <= {p.name for p in checkpoint.iterdir()}
-    resumed = finish(["full", "--resume", "-o", str(out)])
-    assert f"resuming from checkpoint-{step} (step {step})" in resumed.stdout
+    resumed = finish(start("full", "--resume", "-o", out))
+    assert f"resuming from checkpoint-{step} (step {step})" in resumed
     assert_same_weights(out, whole)
 
 
