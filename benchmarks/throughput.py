@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                       # the table in BENCHMARKS.md (about 15 min)
     python benchmarks/throughput.py --rounds 1 --steps 12 --only finetune-default,trl-default
 
+    python benchmarks/throughput.py --cuda --rounds 2 --only trainer-max,trl-default,finetune-default  # a GPU
+
 The script writes its own corpus (paragraphs of 8-150 tokens, log-normal lengths with a median
 near 45, from a Zipf-distributed vocabulary), trains a 2,000-token byte-level BPE on it, and builds a
 4-layer, 256-wide GPT-2 (and, for the QLoRA rows, a Llama of the same shape: bitsandbytes quantises
@@ -21,6 +23,12 @@ where N counts the weights that take part in matrix multiplications (the blocks'
 the LM head; not the embedding lookups, biases or norms), and attention scores (QK^T, AV: ~12 L d s
 per token, under 10% here at s < 150) are left out. The peak is a 1024^3 fp32 matmul measured by
 this script on one thread. QLoRA's dequantisation is not useful work and is not counted.
+
+`--cuda` runs the same contenders on a GPU at a size where a GPU is the right tool: paragraphs 8x as
+long (median near 290 tokens, at most 1,080), max length 1024, a model with Qwen2.5-0.5B's architecture
+(494M parameters, random weights, the script's BPE inside its 151,936-token vocabulary; the "llama"
+rows use it too), bf16 mixed precision for every contender, wall-clock time with the GPU synchronised,
+and a measured 8192^3 bf16 matmul as the peak.
 """
 
 from __future__ import annotations
@@ -39,19 +47,20 @@ import torch
 from words import zipf_vocabulary  # benchmarks/words.py: this script's folder is on the path
 
 MAX_LENGTH, BATCH = 256, 8
+CUDA = False  # --cuda: the GPU variant described above
 
 
 # ---------------------------------------------------------------------------------------
 # Corpus, tokenizer, models
 
 
-def write_corpus(path: Path, n: int, seed: int = 0) -> None:
-    """Paragraphs whose token counts spread over 8-150 like prose paragraphs (log-normal)."""
+def write_corpus(path: Path, n: int, seed: int = 0, scale: int = 1) -> None:
+    """Paragraphs whose token counts spread over 8-150 like prose paragraphs (log-normal), `scale` times as long."""
     rng = random.Random(seed)
     words, weights = zipf_vocabulary(rng)
     with path.open("w") as f:
         for _ in range(n):
-            count = int(min(135, max(7, rng.lognormvariate(math.log(36), 0.75))))
+            count = int(min(135 * scale, max(7 * scale, rng.lognormvariate(math.log(36 * scale), 0.75))))
             sentence = rng.choices(words, weights, k=count)
             text = " ".join(sentence).capitalize() + "."
             f.write(json.dumps({"text": text}) + "\n")
@@ -74,6 +83,16 @@ def build_models(root: Path, corpus: Path) -> dict[str, Path]:
                                          max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
                                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                          pad_token_id=tok.pad_token_id, use_cache=False))
+    if CUDA:
+        from scale_out import QWEN05  # benchmarks/scale_out.py
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        with torch.device("cuda"):
+            qwen = Qwen2ForCausalLM(Qwen2Config(**QWEN05, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                                pad_token_id=tok.pad_token_id, use_cache=False)).to(torch.bfloat16)
+        qwen.save_pretrained(root / "qwen")
+        tok.save_pretrained(root / "qwen")
+        return {"gpt2": root / "qwen", "llama": root / "qwen"}
     out = {}
     for name, model in (("gpt2", gpt), ("llama", llama)):
         model.save_pretrained(root / name)
@@ -96,7 +115,9 @@ def matmul_params(model) -> int:
 
 
 def measure_peak_flops() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    size, dtype = (8192, torch.bfloat16) if CUDA else (1024, torch.float32)
+    device = "cuda" if CUDA else "cpu"
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
     best = 0.0
@@ -104,7 +125,7 @@ def measure_peak_flops() -> float:
         start = clock()
         for _ in range(10):
             a @ b
-        best = max(best, 10 * 2 * 1024**3 / (clock() - start))
+        best = max(best, 10 * 2 * size**3 / (clock() - start))
     return best
 
 
@@ -114,7 +135,11 @@ def measure_peak_flops() -> float:
 
 def clock() -> float:
     """CPU seconds of this process. With one torch thread this is the time the run itself computed,
-    and it stays fair on a machine shared with other jobs, where wall time measures the neighbours."""
+    and it stays fair on a machine shared with other jobs, where wall time measures the neighbours.
+    On a GPU: wall time, once the queued work is done."""
+    if CUDA:
+        torch.cuda.synchronize()
+        return time.perf_counter()
     return time.process_time()
 
 
@@ -145,7 +170,7 @@ def plain_args(out: Path, steps: int, **kw):
     from transformers import TrainingArguments
 
     return dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=5e-5,
-                logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, seed=42,
+                logging_steps=10, save_strategy="no", report_to="none", use_cpu=not CUDA, seed=42, bf16=CUDA,
                 include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0, **kw), \
         TrainingArguments
 
@@ -181,8 +206,7 @@ def run_trl(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: int, p
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    kwargs, _ = plain_args(out, steps, max_length=MAX_LENGTH, packing=packing, bf16=False,
-                           gradient_checkpointing=False)
+    kwargs, _ = plain_args(out, steps, max_length=MAX_LENGTH, packing=packing, gradient_checkpointing=False)
     kwargs["learning_rate"] = 5e-5
     timer = Timer(warmup)
     SFTTrainer(model=model, args=SFTConfig(**kwargs), processing_class=tok, callbacks=[timer.callback],
@@ -199,7 +223,7 @@ def run_finetune(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: i
     data = {"task": "clm", "method": method, "model": {"name": str(model_dir)},
             "data": {"train": str(corpus), "max_length": MAX_LENGTH, "eval_fraction": 0.01, "max_eval_samples": 8},
             "train": {"output_dir": str(out), "max_steps": steps, "batch_size": BATCH, "save_steps": 10**6}}
-    recipe = build_recipe(data, overrides or {})
+    recipe = build_recipe(data, {**({"train.bf16": True} if CUDA else {}), **(overrides or {})})
     timer = Timer(warmup)
     holder = {}
 
@@ -219,7 +243,7 @@ def run_finetune(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: i
 def contenders(models: dict[str, Path]):
     g, l = models["gpt2"], models["llama"]
     return {
-        "trainer-max": ("transformers Trainer, padded to 256", lambda c, o, s, w: run_plain(g, c, o, s, w, True)),
+        "trainer-max": (f"transformers Trainer, padded to {MAX_LENGTH}", lambda c, o, s, w: run_plain(g, c, o, s, w, True)),
         "trainer-batch": ("transformers Trainer, padded per batch", lambda c, o, s, w: run_plain(g, c, o, s, w, False)),
         "trl-default": ("trl SFTTrainer, default", lambda c, o, s, w: run_trl(g, c, o, s, w, False)),
         "trl-packing": ("trl SFTTrainer, packing=True", lambda c, o, s, w: run_trl(g, c, o, s, w, True)),
@@ -255,7 +279,11 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated contender keys")
+    ap.add_argument("--cuda", action="store_true", help="the GPU variant (see the docstring)")
     args = ap.parse_args()
+    global CUDA, MAX_LENGTH
+    if args.cuda:
+        CUDA, MAX_LENGTH = True, 1024
 
     import os
 
@@ -267,7 +295,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="finetune-throughput-"))
     corpus = root / "corpus.jsonl"
-    write_corpus(corpus, args.texts)
+    write_corpus(corpus, args.texts, scale=8 if CUDA else 1)
     models = build_models(root, corpus)
     table = contenders(models)
     keys = [k for k in table if not args.only or k in args.only.split(",")]
@@ -291,11 +319,11 @@ def main() -> None:
     print(f"\ncorpus: {stats['count']} texts, tokens min {stats['min']} / median {stats['p50']} / mean "
           f"{stats['mean']:.0f} / max {stats['max']}; batch {BATCH}, max length {MAX_LENGTH}, {args.steps} steps "
           f"({args.warmup} untimed), {args.rounds} alternating rounds, torch threads {torch.get_num_threads()}; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s" + (f" on {torch.cuda.get_device_name()}" if CUDA else ""))
     median = {k: statistics.median(v) for k, v in results.items()}
     base = median.get("trainer-max")
     trl = median.get("trl-default")
-    print("\n| contender | useful tok/s (median) | rounds | vs Trainer padded to 256 | vs trl default | MFU |")
+    print(f"\n| contender | useful tok/s (median) | rounds | vs Trainer padded to {MAX_LENGTH} | vs trl default | MFU |")
     print("| --- | --- | --- | --- | --- | --- |")
     for k in keys:
         vs_base = f"{median[k] / base:.2f}x" if base and not k.startswith("llama") else ""
