@@ -4,6 +4,8 @@
     python benchmarks/defaults.py            # about 10 min on one CPU core
     python benchmarks/defaults.py --no-ours --plain-batch 8 --lrs 2e-3,5e-3
     python benchmarks/defaults.py --plain-batch 8 --lrs 2e-3 --with-dropout --rounds 3   # time, alternating
+    python benchmarks/defaults.py --plain-batch 8 --lrs 2e-3 --rounds 3 --targets "$(python -c 'import json; \
+        print(json.dumps(["intermediate.dense"] + [f"layer.{i}.output.dense" for i in range(6)]))')"  # MLP only
 
 Data: synthetic movie-review sentiment that bag-of-words cannot solve: a review has one or two
 clauses ("the acting was not dull", "but the ending was awful"); the label is the sentiment of the
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--old-defaults", action="store_true", help="also run finetune's previous LoRA defaults")
     ap.add_argument("--no-ours", action="store_true", help="only the plain script's sweep")
     ap.add_argument("--with-dropout", action="store_true", help="also run our defaults with lora.dropout=0.05")
+    ap.add_argument("--targets", default=None, help="also run our defaults with these lora.target_modules (a JSON "
+                    "list of module names)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every contender, in alternating order")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,6 +155,10 @@ def main() -> None:
     if args.with_dropout:
         contenders.append(("finetune lora, defaults with lora.dropout=0.05 (the default before)",
                            lambda out: run_finetune(model, train, test, out, args.epochs, {"lora.dropout": 0.05})))
+    if args.targets:
+        contenders.append((f"finetune lora, defaults with lora.target_modules={args.targets}",
+                           lambda out: run_finetune(model, train, test, out, args.epochs,
+                                                    {"lora.target_modules": json.loads(args.targets)})))
     if args.old_defaults:
         contenders.append(("finetune lora, previous defaults (query/value, 2e-4, dropout 0.05)",
                            lambda out: run_finetune(model, train, test, out, args.epochs,
