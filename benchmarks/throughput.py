@@ -253,6 +253,8 @@ def contenders(models: dict[str, Path]):
         "finetune-unpacked": ("finetune full, data.packing=false",
                               lambda c, o, s, w: run_finetune(g, c, o, s, w, "full", {"data.packing": False})),
         "finetune-default": ("finetune full, default (packed)", lambda c, o, s, w: run_finetune(g, c, o, s, w, "full")),
+        "finetune-compiled": ("finetune full, packed, train.torch_compile=true",
+                              lambda c, o, s, w: run_finetune(g, c, o, s, w, "full", {"train.torch_compile": True})),
         "llama-full": ("Llama: finetune full", lambda c, o, s, w: run_finetune(l, c, o, s, w, "full")),
         "llama-lora": ("Llama: finetune lora (r=16, all linear)", lambda c, o, s, w: run_finetune(l, c, o, s, w, "lora")),
         "llama-qlora": ("Llama: finetune lora --quant 4bit (fp32 compute)",
