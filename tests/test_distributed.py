@@ -175,6 +175,9 @@ def test_two_machines_on_loopback(tiny_gpt, toy_text, tmp_path):
     check_one_writer_and_identical_replicas(run_dir, outputs, world_size=2)
 
 
+# Slow (37 s): two processes of 4-bit QLoRA on CPU. DDP's one writer and identical replicas stay in the
+# fast suite through test_cli's two-process run and the two-machine run above.
+@pytest.mark.slow
 def test_two_process_ddp_qlora(tiny_gpt, toy_text, tmp_path):
     run_dir = tmp_path / "run"
     out = finish(start("lora", "--model", tiny_gpt, "--data", toy_text, "-o", run_dir, "--max-steps", "6",
