@@ -243,7 +243,8 @@ def run_finetune(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: i
 def contenders(models: dict[str, Path]):
     g, l = models["gpt2"], models["llama"]
     return {
-        "trainer-max": (f"transformers Trainer, padded to {MAX_LENGTH}", lambda c, o, s, w: run_plain(g, c, o, s, w, True)),
+        "trainer-max": (f"transformers Trainer, padded to {MAX_LENGTH}",
+                        lambda c, o, s, w: run_plain(g, c, o, s, w, True)),
         "trainer-batch": ("transformers Trainer, padded per batch", lambda c, o, s, w: run_plain(g, c, o, s, w, False)),
         "trl-default": ("trl SFTTrainer, default", lambda c, o, s, w: run_trl(g, c, o, s, w, False)),
         "trl-packing": ("trl SFTTrainer, packing=True", lambda c, o, s, w: run_trl(g, c, o, s, w, True)),
@@ -325,7 +326,8 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in results.items()}
     base = median.get("trainer-max")
     trl = median.get("trl-default")
-    print(f"\n| contender | useful tok/s (median) | rounds | vs Trainer padded to {MAX_LENGTH} | vs trl default | MFU |")
+    print(f"\n| contender | useful tok/s (median) | rounds | vs Trainer padded to {MAX_LENGTH} | vs trl default "
+          "| MFU |")
     print("| --- | --- | --- | --- | --- | --- |")
     for k in keys:
         vs_base = f"{median[k] / base:.2f}x" if base and not k.startswith("llama") else ""

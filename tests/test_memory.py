@@ -24,7 +24,8 @@ def recipe_for(model, data, out, method="lora", bits=None, steps=3, batch=8, len
     from finetune.recipe import build_recipe
 
     return build_recipe({
-        "method": method, "model": {"name": model, "attn_implementation": attn}, "data": {"train": data, "max_length": length, "packing": True},
+        "method": method, "model": {"name": model, "attn_implementation": attn},
+        "data": {"train": data, "max_length": length, "packing": True},
         "quant": {"bits": bits},
         "train": {"output_dir": str(out), "max_steps": steps, "batch_size": batch, "logging_steps": 1,
                   "save_steps": 1000, "gradient_checkpointing": checkpointing,
