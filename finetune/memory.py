@@ -248,7 +248,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     state_per_byte = 0.5 if "8bit" in optim else 0.0 if optim == "sgd" else 2.0  # AdamW: two moments
     gradients, optimizer = float(train_bytes), train_bytes * state_per_byte
 
-    # Activations of one micro-batch: per layer, the tensors autograd keeps of the hidden width (norm
+    # Activations of one micro-batch, in bytes: per layer, the tensors autograd keeps of the hidden width (norm
     # inputs and outputs, q, k, v, attention output) and of the MLP width (ffn_saved_tensors), plus
     # LoRA dropout's copies of the adapted layers' inputs. Gradient checkpointing keeps only each
     # layer's input and recomputes one layer at a time in backward.
@@ -261,15 +261,15 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     # measured against 26.8 estimated without this, 1.16x).
     hidden_bytes = 4 if q.bits else act_bytes
     kv_share = dims["kv_heads"] / dims["heads"] if dims["heads"] else 1.0
-    per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes / act_bytes + ffn_saved_tensors(model, config) * f)
+    per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes + ffn_saved_tensors(model, config) * f * act_bytes)
     if recipe.lora.dropout > 0:
-        per_layer += b * s * lora_inputs / L
+        per_layer += b * s * lora_inputs / L * act_bytes
     if (recipe.model.attn_implementation or getattr(config, "_attn_implementation", None)) == "eager":
-        per_layer += 2 * b * dims["heads"] * s * s
+        per_layer += 2 * b * dims["heads"] * s * s * act_bytes
     if t.gradient_checkpointing:
-        activations = L * b * s * h * hidden_bytes + per_layer * act_bytes
+        activations = L * b * s * h * hidden_bytes + per_layer
     else:
-        activations = L * per_layer * act_bytes
+        activations = L * per_layer
     activations += 3 * b * s * h * hidden_bytes  # embeddings and final norm
     # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
     vocab = dims["vocab"] if task_info(recipe.task).lm_head else 0  # a head over the whole vocabulary
