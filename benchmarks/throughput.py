@@ -75,14 +75,6 @@ def build_models(root: Path, corpus: Path) -> dict[str, Path]:
     texts = load_dataset("json", data_files=str(corpus), split="train")["text"]
     tok = train_bpe_tokenizer(texts, 2000)
     torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=4, n_positions=MAX_LENGTH,
-                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id, use_cache=False))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
-                                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id, use_cache=False))
     if CUDA:
         from scale_out import QWEN05  # benchmarks/scale_out.py
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -93,6 +85,14 @@ def build_models(root: Path, corpus: Path) -> dict[str, Path]:
         qwen.save_pretrained(root / "qwen")
         tok.save_pretrained(root / "qwen")
         return {"gpt2": root / "qwen", "llama": root / "qwen"}
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=4, n_positions=MAX_LENGTH,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, use_cache=False))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
+                                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, use_cache=False))
     out = {}
     for name, model in (("gpt2", gpt), ("llama", llama)):
         model.save_pretrained(root / name)
@@ -115,9 +115,11 @@ def matmul_params(model) -> int:
 
 
 def measure_peak_flops() -> float:
-    size, dtype = (8192, torch.bfloat16) if CUDA else (1024, torch.float32)
-    device = "cuda" if CUDA else "cpu"
-    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    if CUDA:  # the same 8192^3 bf16 matmul as scale_out's GPU table
+        from scale_out import matmul_tflops
+
+        return matmul_tflops("cuda") * 1e12
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
     best = 0.0
@@ -125,7 +127,7 @@ def measure_peak_flops() -> float:
         start = clock()
         for _ in range(10):
             a @ b
-        best = max(best, 10 * 2 * size**3 / (clock() - start))
+        best = max(best, 10 * 2 * 1024**3 / (clock() - start))
     return best
 
 
