@@ -1,7 +1,9 @@
-"""Loading models and tokenizers: a Hub id or a local directory, with clear errors.
+"""Loading models and tokenizers: a Hub id, a local directory or a GGUF file, with clear errors.
 
 Every task picks its Auto class and calls `load_model(recipe.model, AutoModelFor...)`;
 pre-training builds a model from a size preset or a config file with `model_from_config`.
+`model_source` is the one place model.name becomes something transformers loads: a GGUF file
+(model.name itself, or model.gguf_file inside it) becomes its cached plain folder (finetune.gguf).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.gguf import is_gguf, plain_model
 from finetune.hub import hub_reachable, unreachable_reason
 from finetune.recipe import ModelSpec, QuantSpec
 
@@ -39,10 +42,13 @@ def in_hub_cache(repo_id: str, filename: str = "config.json") -> bool:
 
 
 def check_source(name: str, key: str, filename: str = "config.json") -> str:
-    """Resolve `name` to a local directory or a Hub id, failing fast instead of retrying offline."""
+    """Resolve `name` to a local directory or a Hub id, failing fast instead of retrying offline. A `.gguf`
+    file resolves to its converted plain folder (converted on first use)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
+    if is_gguf(name):
+        return plain_model(name, None, key)
     if path.exists():
         raise UserError(f"{key}: '{name}' is a file; expected a directory written by save_pretrained or a Hub id")
     if looks_like_path(name):
@@ -53,10 +59,17 @@ def check_source(name: str, key: str, filename: str = "config.json") -> str:
     return name
 
 
-def check_model_files(name: str, key: str) -> None:
+def model_source(spec: ModelSpec, key: str = "model.name") -> str:
+    """model.name as transformers loads it: unchanged, or the cached plain folder of a GGUF file (model.name
+    itself, or model.gguf_file in the folder or Hub repo model.name)."""
+    return plain_model(spec.name, spec.gguf_file, key, spec.revision)
+
+
+def check_model_files(name: str, key: str, gguf_file: str | None = None, revision: str | None = None) -> None:
     """Pre-flight: the model exists (or is a reachable Hub id) and its local weight files are whole."""
     from finetune.checkpoints import safetensors_problem
 
+    name = plain_model(name, gguf_file, key, revision)
     check_source(name, key)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -75,7 +88,7 @@ def tokenizer_source(spec: ModelSpec) -> str:
         return check_source(spec.tokenizer, "model.tokenizer", "tokenizer_config.json")
     if not spec.name:
         raise UserError("model.tokenizer: no tokenizer given; pass --set model.tokenizer=<directory or Hub id>")
-    source = check_source(spec.name, "model.name")
+    source = check_source(model_source(spec), "model.name")
     if Path(source).is_dir() and not has_tokenizer(source):
         raise UserError(f"model.name: directory '{source}' has no tokenizer; pass "
                         "--set model.tokenizer=<directory or Hub id> (or save one into it)")
@@ -140,8 +153,9 @@ def quantization_config(quant: QuantSpec):
 
 def load_model(spec: ModelSpec, auto_cls, quant: QuantSpec | None = None, **kwargs: Any):
     """`auto_cls.from_pretrained` on a Hub id or local directory, with the recipe's dtype and trust."""
-    source = str(Path(check_source(spec.name, "model.name")).resolve()) if Path(spec.name).expanduser().is_dir() \
-        else check_source(spec.name, "model.name")
+    name = model_source(spec)
+    source = str(Path(check_source(name, "model.name")).resolve()) if Path(name).expanduser().is_dir() \
+        else check_source(name, "model.name")
     qconfig = quantization_config(quant) if quant else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -175,7 +189,7 @@ def max_length(requested: int | None, config, default_cap: int = 1024) -> int:
 def load_config(spec: ModelSpec):
     from transformers import AutoConfig
 
-    source = check_source(spec.name, "model.name")
+    source = check_source(model_source(spec), "model.name")
     try:
         return AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:

@@ -42,6 +42,7 @@ class ModelSpec(Spec):
     tokenizer: str | None = None  # defaults to `name`; pretrain trains one on the corpus when unset
     vocab_size: int = Field(8000, gt=255)  # size of a tokenizer trained on the corpus
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights as loaded
+    gguf_file: str | None = None  # a .gguf file in model.name (a folder or Hub repo); or model.name is the .gguf
     revision: str | None = None  # Hub branch, tag or commit
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     attn_implementation: str | None = None  # eager, sdpa, flash_attention_2/3, flex_attention or a Hub kernel
