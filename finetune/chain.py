@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from finetune import sources
+from finetune import rundir, sources
 from finetune.checkpoints import latest
 from finetune.errors import Stopped, UserError, did_you_mean
 from finetune.recipe import Recipe, build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
@@ -284,7 +284,7 @@ def check_inputs(stages, root: Path) -> None:
             sources.check_sources(recipe.data)
             name = recipe.model.name
             if name and not Path(name).resolve().is_relative_to(root.resolve()):  # not an earlier stage's output
-                check_model_files(name, "model.name")
+                check_model_files(name, "model.name", recipe.model.gguf_file, recipe.model.revision)
         except UserError as e:
             problems += [f"{where}: {p}" for p in e.problems]
     if problems:
@@ -306,8 +306,13 @@ def merge_stage(recipe: Recipe) -> None:
 
 
 def check_unchanged(stage_name: str, recipe: Recipe) -> None:
+    """The stage's recipe is the one its run was asked to run (run.json's fingerprint; recipe.yaml holds what the
+    run resolved from it, such as the precision and a batch fitted to the memory)."""
     saved = recipe.output_dir / "recipe.yaml"
-    if saved.is_file() and saved.read_text() != recipe.to_yaml():
+    asked = (rundir.read_marker(recipe.output_dir) or {}).get("requested")
+    changed = asked != rundir.fingerprint(recipe.to_yaml()) if asked else \
+        saved.is_file() and saved.read_text() != recipe.to_yaml()
+    if changed:
         raise UserError(f"stage '{stage_name}': its recipe changed since it ran ({saved}); pass --overwrite to run the "
                         f"whole chain afresh, or delete {recipe.output_dir} to run this stage and the ones after it again")
 

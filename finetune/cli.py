@@ -169,7 +169,7 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()
         mod = load_task(r.task)
-        problems, notes = mod.check(r)
+        problems, notes, *row_length = mod.check(r)  # a task whose rows follow the data says how long they are
         from finetune.extras import extras_problems
 
         problems = [*problems, *extras_problems(r)]  # LoRA variants, trackers, kernels, best checkpoint, push
@@ -180,7 +180,7 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         typer.echo("data: ok")
         if r.model.name:
             try:
-                print_plan(r)
+                print_plan(r, seq=row_length[0] if row_length else None)
             except UserError:
                 raise
             except Exception as e:  # an architecture the estimate does not understand: not a data problem

@@ -36,6 +36,7 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("kernels").setLevel(logging.ERROR)  # bitsandbytes' kernel lookup, offline: nothing to act on
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # peft, saving a checkpoint of a LoRA run whose chat template added tokens: checkpoints keep the
@@ -75,7 +76,7 @@ RecipeArg = Annotated[Optional[str], typer.Argument(help="Recipe: a YAML file or
                                                           "(`finetune recipes list`).", show_default=False)]
 
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model directory.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")]
 
 
 TASK_HELP = f"Task (default clm): {', '.join(method_tasks())}."

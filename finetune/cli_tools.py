@@ -29,14 +29,18 @@ def env(debug: DebugOpt = False) -> None:
     guarded(debug, body)
 
 
-def print_plan(recipe, capacity_gib: float | None = None) -> None:
-    """The memory estimate, and a warning when it does not fit one device."""
+def print_plan(recipe, capacity_gib: float | None = None, seq: int | None = None) -> None:
+    """The memory estimate (`seq`: tokens per row, where the data decides it), and a warning when it does not
+    fit one device."""
     from finetune.memory import estimate, fit_problems, report
+    from finetune.precision import resolve_precision
     from finetune.quantization import check_quantizable, skeleton
+
+    recipe = resolve_precision(recipe)
 
     model = skeleton(recipe.model, recipe.task)  # once, for both
     check_quantizable(recipe, model)
-    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None)
+    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None, seq=seq)
     typer.echo("\n".join(report(recipe, est)))
     for p in fit_problems(recipe, est):
         typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)

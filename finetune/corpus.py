@@ -8,7 +8,8 @@
 3. Tokens: each source is tokenized (data.num_proc processes), text with eos after each document,
    other formats with labels -100 outside the trained tokens.
 4. Mixture: the sources are joined: every row once, or drawn by their weights (`sources.mix`).
-5. Blocks: whole documents packed into rows of max_length tokens (`data.packed_dataset`).
+5. Blocks: whole documents packed into rows of data.max_length tokens (`data.packed_dataset`); unset, the
+   smallest power of two that holds the longest example, at most 1,024 (`data.fitted_block`).
 
 Not streaming, the result is cached (`datacache`): with several processes the first one on each
 machine prepares it while the others wait, then they load it; a second run on the same data loads
@@ -43,6 +44,7 @@ class Prepared:
     templated: bool  # rendered with the chat template
     new_tokens: list[str]  # tokens the template added to the tokenizer
     cache: Path | None = None  # where the prepared data is kept
+    block: int | None = None  # tokens per row at most: the packed row length, or the longest example
 
 
 def prepare(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepared:
@@ -59,7 +61,7 @@ def prepare(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepar
             new_tokens = chat.set_template(tokenizer, d.chat_template) if meta["templated"] else []
             folder = datacache.cache_root() / key  # type: ignore[operator]
             print(f"data: {len(train):,} prepared rows from the cache ({folder})", flush=True)
-            return Prepared(train, eval_ds, meta["format"], meta["templated"], new_tokens, folder)
+            return Prepared(train, eval_ds, meta["format"], meta["templated"], new_tokens, folder, meta.get("block"))
         start = time.perf_counter()
         if key is None:
             return build(recipe, tokenizer, max_length, packing)
@@ -69,7 +71,7 @@ def prepare(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepar
             prepared = build(recipe, tokenizer, max_length, packing)
             took = time.perf_counter() - start
             meta = {"format": prepared.fmt, "templated": prepared.templated, "rows": len(prepared.train),
-                    "seconds": round(took, 1)}
+                    "seconds": round(took, 1), "block": prepared.block}
             folder = datacache.store(key, prepared.train, prepared.eval, meta, d.num_proc)
         train, eval_ds, _ = datacache.load(key)  # type: ignore[misc]  # the stored copy: mapped, not in memory
         print(f"data: prepared {len(train):,} rows in {took:.0f} s; cached for the next run ({folder})", flush=True)
@@ -158,10 +160,11 @@ def build(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepared
     eval_ds = sources.mix(with_labels(eval_parts), [None] * len(eval_parts), seed) if eval_parts else None
     if eval_ds is not None and not whole and d.max_eval_samples and len(eval_ds) > d.max_eval_samples:
         eval_ds = eval_ds.shuffle(seed=seed).select(range(d.max_eval_samples))
+    block = max_length if d.max_length else D.fitted_block([train, eval_ds], max_length, packing)  # rows' longest
     if packing:
-        train = D.packed_dataset(train, max_length, d.num_proc)
-        eval_ds = D.packed_dataset(eval_ds, max_length, d.num_proc) if eval_ds is not None else None
-    return Prepared(train, eval_ds, fmt, templated, new_tokens)
+        train = D.packed_dataset(train, block, d.num_proc)
+        eval_ds = D.packed_dataset(eval_ds, block, d.num_proc) if eval_ds is not None else None
+    return Prepared(train, eval_ds, fmt, templated, new_tokens, block=block)
 
 
 def report_mixture(loaded: list, weights: list[float | None]) -> None:
@@ -240,7 +243,7 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
         else "in file order"
     print(f"data: streaming {len(opened)} source{'s' if len(opened) > 1 else ''}"
           + (f", process {rank} of {world} reads its own part" if world > 1 else "") + f"; {order}", flush=True)
-    return Prepared(train, eval_ds, fmt, templated, new_tokens)
+    return Prepared(train, eval_ds, fmt, templated, new_tokens, block=max_length)
 
 
 def head_problems(head: list[dict], fmt: str, spec: DataSpec, key: str) -> list[str]:

@@ -282,6 +282,30 @@ def pack_rows(batch: dict[str, list], max_length: int) -> dict[str, list]:
     return rows
 
 
+MIN_BLOCK = 64  # the shortest row a data-sized block gets
+
+
+def fitted_block(parts: list, cap: int, round_up: bool = True) -> int:
+    """The packed row length that follows the data (data.max_length unset): the smallest power of two that
+    holds the longest tokenized example, at most `cap`. Short conversations then pack into short rows and
+    a few hundred of them make tens of optimizer steps, not five rows of 1,024 tokens; attention, which
+    grows with the row length, costs less per token too."""
+    import pyarrow.compute as pc
+
+    longest = 0
+    for ds in parts:
+        if ds is None or len(ds) == 0:
+            continue
+        lengths = pc.list_value_length(ds.data.column("input_ids"))
+        longest = max(longest, int(pc.max(lengths).as_py() or 0))
+    if not round_up:  # unpacked rows: padded to the longest of their batch, at most this
+        return min(max(longest, 1), cap)
+    block = MIN_BLOCK
+    while block < longest:
+        block *= 2
+    return min(block, cap)
+
+
 def packed_dataset(tokenized, max_length: int, num_proc: int | None = None):
     """Blocks of at most `max_length` tokens packed from whole documents (`pack_rows`), a window of
     PACK_WINDOW documents at a time; a Dataset or a stream.

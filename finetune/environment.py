@@ -11,9 +11,11 @@ def environment_report() -> str:
 
     from finetune.hub import hub_status
 
-    lines = []
-    for pkg in ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "evaluate",
-                "bitsandbytes", "tokenizers", "typer", "pydantic"):
+    from finetune import __version__
+
+    lines = [f"{'finetune':<14} {__version__}"]  # the distribution is finetune-toolkit; `finetune` on PyPI is another
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "evaluate", "bitsandbytes",
+                "tokenizers", "gguf", "typer", "pydantic"):
         try:
             lines.append(f"{pkg:<14} {md.version(pkg)}")
         except md.PackageNotFoundError:
@@ -27,7 +29,10 @@ def environment_report() -> str:
             lines.append(f"{'cuda:' + str(i):<14} {p.name}, {p.total_memory / 2**30:.0f} GiB, "
                          f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
     else:
-        lines.append(f"{'devices':<14} CPU only ({os.cpu_count()} cores)")
+        from finetune.headroom import cpu_headroom
+
+        room = cpu_headroom()
+        lines.append(f"{'devices':<14} CPU only ({os.cpu_count()} cores), {room.free / 2**30:.1f} GiB free ({room.where})")
     lines.append(f"{'hub':<14} {hub_status()}")
     lines.append(f"{'HF_HOME':<14} {os.environ.get('HF_HOME', '~/.cache/huggingface')}")
     lines.append(f"{'HF_TOKEN':<14} {'set' if os.environ.get('HF_TOKEN') else 'not set'}")

@@ -29,22 +29,32 @@ def check_model_dir(path: Path, key: str) -> None:
     markers = ("config.json", "adapter_config.json")
     if not any((path / m).exists() for m in markers):
         if (path / "recipe.yaml").exists():
+            from finetune.rundir import killed_reason, status
+
+            if status(path) == "killed":
+                raise UserError(f"{key}: {killed_reason(path)}; it holds no trained model: continue it with "
+                                f"--resume -o {path} (from its last checkpoint, if it saved one)")
             raise UserError(f"{key}: run '{path}' holds no trained model yet (interrupted?); "
                             f"continue it with --resume -o {path}")
         raise UserError(f"{key}: '{path}' holds no model (no config.json or adapter_config.json)")
 
 
 def load_for_generation(source: str):
-    """(model in eval mode, tokenizer, chat): a run directory, a model directory or a Hub id. `chat`: the run
-    was trained on conversations or conversational prompt/completion data (its `chat.json`)."""
+    """(model in eval mode, tokenizer, chat): a run directory, a model directory, a GGUF file or a Hub id.
+    `chat`: prompts are rendered with the chat template: the run was trained on conversations or
+    conversational prompt/completion data (its `chat.json`), or a model that is not a finetune run (an
+    instruct model, a merged run) has a chat template."""
     from transformers import AutoTokenizer
 
+    from finetune.gguf import is_gguf, plain_model
     from finetune.models import check_source
 
+    if is_gguf(source):  # a GGUF file: its converted plain folder
+        source = plain_model(source, None, "model")
     path = Path(source)
     if path.exists() or source.startswith((".", "/", "~")):
         check_model_dir(path, "model")
-        model = run_task(path).load_trained(path)
+        model = for_inference(run_task(path).load_trained(path))
         tok_source = str(path)
     else:
         tok_source = check_source(source, "model")
@@ -58,7 +68,21 @@ def load_for_generation(source: str):
 
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), tokenizer, (path / "chat.json").is_file()
+    chat = (path / "chat.json").is_file() or (not (path / "recipe.yaml").is_file() and bool(tokenizer.chat_template))
+    return model.eval(), tokenizer, chat
+
+
+def for_inference(model):
+    """A LoRA run's adapter folded into its base, in memory: the same outputs as the adapter on its base, at the
+    base's speed. Unmerged, every adapted layer runs three more small matmuls per token, which in batched
+    decoding (one token per step) tripled the time of SmolLM2-135M's answers (BENCHMARKS.md). A quantized base
+    stays unmerged (merging into 4-bit weights rounds them)."""
+    from finetune.adapters import merge_adapter
+
+    if not hasattr(model, "merge_and_unload") or getattr(model, "is_loaded_in_4bit", False) or \
+            getattr(model, "is_loaded_in_8bit", False) or getattr(model.config, "quantization_config", None):
+        return model
+    return merge_adapter(model)
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict], templated: bool) -> list[int]:

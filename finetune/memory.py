@@ -1,15 +1,13 @@
-"""Precision and memory: what the device can do, what a run will need, and what to do when it does not fit.
+"""Memory: what a run will need, and what to do when it does not fit (precision is finetune/precision.py).
 
     finetune plan --model Qwen/Qwen2.5-0.5B --quant 4bit --bf16 --set train.batch_size=8 --set data.max_length=1024
-    finetune lora ... --bf16 --set train.gradient_checkpointing=true --set train.grad_accum=4
-    finetune lora ... --set train.auto_batch_size=true      # halve the batch on out-of-memory
+    finetune lora ... --set train.max_memory_gib=12    # fit the batch to 12 GiB (unset: what is free)
 
-`estimate(recipe)` predicts the peak memory of one device from the model's config alone (the model is
-built on the meta device: exact parameter counts, no weights read): weights (quantised or not),
-gradients and AdamW state of what trains, activations of one micro-batch, the logits and loss, and
-the share a distributed preset keeps per device. It is an estimate: on CPU it was checked against
-the measured peak of live tensors (benchmarks/peak_memory.py) and on CUDA `torch.cuda.max_memory_allocated`
-is what it predicts (BENCHMARKS.md has the numbers and the script).
+`estimate(recipe)` predicts the peak memory of one device from the model's config alone (built on the meta
+device: exact parameter counts, no weights read): weights, gradients and AdamW state of what trains,
+activations of one micro-batch, the logits and loss, the share a distributed preset keeps per device, and
+on CPU the process itself. Checked against measured peaks (live tensors, resident memory, and on CUDA
+`torch.cuda.max_memory_allocated`; BENCHMARKS.md). `fit_to_memory` fits a run to the memory that is free.
 """
 
 from __future__ import annotations
@@ -18,44 +16,11 @@ import dataclasses
 import os
 
 from finetune.errors import UserError
+from finetune.headroom import resident_bytes
 from finetune.recipe import Recipe
 from finetune.tasks import task_info
 
 GiB = 2**30
-
-
-# ---------------------------------------------------------------------------------------
-# Precision: refused at run start where the device cannot do it
-
-
-def cpu_bf16_supported() -> bool:
-    """oneDNN has bf16 kernels on this CPU (AVX512-BF16/AMX on x86, BF16 on ARM); elsewhere bf16
-    autocast on CPU is emulated and slower than float32."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def check_precision(recipe: Recipe) -> None:
-    """--bf16 / --fp16 where this machine's device cannot run them: a clear error, not a late crash."""
-    import torch
-
-    t = recipe.train
-    if torch.cuda.is_available():
-        if t.bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-            name = torch.cuda.get_device_name()
-            raise UserError(f"--bf16: {name} has no bfloat16 support (it needs an Ampere or newer GPU); "
-                            "use --fp16 instead")
-        return
-    if t.fp16:
-        raise UserError("--fp16: float16 mixed precision needs a CUDA GPU and none is visible; drop --fp16 "
-                        "(on CPU use --bf16 where the CPU supports it, or full precision)")
-    if t.bf16 and not cpu_bf16_supported():
-        raise UserError("--bf16: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX), so bf16 would be "
-                        "emulated and slower than float32; drop --bf16")
-    if recipe.quant.bits and recipe.quant.compute_dtype == "float16":
-        raise UserError("quant.compute_dtype: float16 matmuls need a CUDA GPU and none is visible; "
-                        "set quant.compute_dtype=bfloat16 or float32")
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,10 +91,16 @@ class Estimate:
     seq: int  # tokens per example
     capacity: float | None  # bytes of one device, when known
     notes: list[str]
+    process: float = 0.0  # on CPU: the process itself (Python, torch, libraries, data), resident before the model
+
+    @property
+    def tensors(self) -> float:
+        """The tensors of the run: weights, gradients, optimizer state, activations and logits."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
 
     @property
     def peak(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.tensors + self.process
 
 
 def model_dims(config) -> dict[str, int]:
@@ -186,6 +157,12 @@ def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
     return min(recipe.data.max_length or min(dims["context"], 1024), dims["context"] or 10**9)
 
 
+def packs_rows(recipe: Recipe) -> bool:
+    """Whether the run trains on packed rows (several examples per row): causal LM packs unless told not to."""
+    packing = recipe.data.packing
+    return bool(packing) or (packing is None and recipe.task == "clm")
+
+
 def dtype_bytes(recipe: Recipe, config) -> int:
     name = recipe.model.dtype
     if name == "auto":
@@ -204,8 +181,9 @@ def device_capacity() -> float | None:
         return None
 
 
-def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estimate:
-    """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given)."""
+def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int | None = None) -> Estimate:
+    """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given; seq:
+    tokens per row when the data decides it, as packing does)."""
     from finetune.adapters import lora_config
     from finetune.presets import preset_kind
     from finetune.quantization import quantizable_layers, skeleton
@@ -236,7 +214,9 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
         from peft import get_peft_model
         from peft.tuners.lora import LoraLayer
 
-        peft_model = get_peft_model(model, lora_config(model, recipe.lora, None))
+        # the adapter's shapes only: its initialisation and named token rows do not change what it holds
+        shapes = recipe.lora.model_copy(update={"init": "default", "trainable_tokens": None})
+        peft_model = get_peft_model(model, lora_config(model, shapes, None))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         lora_inputs = sum(m.in_features for m in peft_model.modules() if isinstance(m, LoraLayer))
         weights += trainable * 4
@@ -252,7 +232,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     # inputs and outputs, q, k, v, attention output) and of the MLP width (ffn_saved_tensors), plus
     # LoRA dropout's copies of the adapted layers' inputs. Gradient checkpointing keeps only each
     # layer's input and recomputes one layer at a time in backward.
-    b, s, h, f = t.batch_size, sequence_length(recipe, dims, config), dims["hidden"], dims["ffn"]
+    b, s, h, f = t.batch_size, seq or sequence_length(recipe, dims, config), dims["hidden"], dims["ffn"]
     L = max(dims["layers"], 1)
     act_bytes = 2 if (t.bf16 or t.fp16) else 4
     # Under QLoRA prepare_model_for_kbit_training upcasts the embeddings and norms to float32: the
@@ -261,7 +241,16 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     # measured against 26.8 estimated without this, 1.16x).
     hidden_bytes = 4 if q.bits else act_bytes
     kv_share = dims["kv_heads"] / dims["heads"] if dims["heads"] else 1.0
+    attn = recipe.model.attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    # Packed rows attend through a block-diagonal mask, except on flash attention's varlen path: SDPA then
+    # keeps each layer's own copy of the mask for backward, and with a mask transformers' repeat_kv copies
+    # K and V to every query head (SmolLM2-135M, 1 x 1024 tokens: 4 MiB of mask and 6 MiB of K/V per layer).
+    masked = recipe.task == "clm" and packs_rows(recipe) and "flash" not in str(attn)
+    if masked:
+        kv_share = 1.0
     per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes + ffn_saved_tensors(model, config) * f * act_bytes)
+    if masked:
+        per_layer += b * s * s * act_bytes
     if recipe.lora.dropout > 0:
         per_layer += b * s * lora_inputs / L * act_bytes
     if (recipe.model.attn_implementation or getattr(config, "_attn_implementation", None)) == "eager":
@@ -301,7 +290,8 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None) -> Estim
     if recipe.method == "lora":
         notes.append(f"trains {trainable:,} LoRA parameters of {total:,}")
     capacity = capacity if capacity is not None else device_capacity()
-    return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
+    process = 0.0 if is_cuda() else resident_bytes()  # this process now: imports done, no weights loaded yet
+    return Estimate(process=process, weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
                     logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
                     devices=devices, seq=s, capacity=capacity, notes=notes)
 
@@ -318,7 +308,8 @@ def report(recipe: Recipe, est: Estimate) -> list[str]:
     lines = [f"memory per device ({method}, {precision}, batch {t.batch_size} x {est.seq} tokens, "
              f"{kind}{f', {t.num_processes} processes' if t.num_processes > 1 else ''}"
              f"{', gradient checkpointing' if t.gradient_checkpointing else ''}):"]
-    for label, value in (("weights", est.weights), ("gradients", est.gradients), ("optimizer", est.optimizer),
+    parts = (("process", est.process),) if est.process else ()
+    for label, value in (*parts, ("weights", est.weights), ("gradients", est.gradients), ("optimizer", est.optimizer),
                          ("activations", est.activations), ("logits/loss", est.logits)):
         lines.append(f"  {label:<12} {fmt(value):>11}")
     lines.append(f"  {'peak':<12} {fmt(est.peak):>11}  (estimate; allow ~10% for allocator fragmentation"
@@ -337,6 +328,73 @@ def fit_problems(recipe: Recipe, est: Estimate) -> list[str]:
     """A warning-sized problem when the estimate does not fit the device."""
     if not est.capacity or est.peak <= 0.9 * est.capacity:
         return []
+    if recipe.train.fit_memory and recipe.train.num_processes == 1:
+        return [f"memory: the estimated peak of {fmt(est.peak)} does not fit in the {fmt(est.capacity)} of this "
+                "device (with 10% to spare); training will lower train.batch_size (raising train.grad_accum), then "
+                "turn on gradient checkpointing, to fit the memory that is free when it starts (train.fit_memory)"]
     return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit in the {fmt(est.capacity)} "
             "of one device (with 10% to spare); lower train.batch_size (and raise train.grad_accum), set "
             "train.gradient_checkpointing=true, use --bf16, --quant 4bit, or shard with --distributed fsdp"]
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting the run to the memory there is
+
+SPARE = 0.9  # of the free memory a run may plan to use: the allocator's fragmentation and what the estimate misses
+
+
+def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) -> Recipe:
+    """The recipe with the largest micro-batch that fits the memory this process may still use, then
+    gradient checkpointing, grad_accum keeping the effective batch; unchanged when it fits as set. Prints
+    what it chose and why; no setting fits: a UserError with the numbers and the options.
+
+    `loaded`: the weights are in memory already (and so out of what `headroom` leaves), as the process itself
+    is. Single-process runs only: with several, each device's share is checked by `finetune plan`."""
+    from finetune.headroom import headroom
+
+    t = recipe.train
+    several = t.num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not t.fit_memory or several or not recipe.model.name:  # pre-training: no checkpoint config to estimate from
+        return recipe
+    room = headroom(t.max_memory_gib)
+    budget = SPARE * room.free
+
+    def need(r: Recipe) -> tuple[float, Estimate]:
+        est = estimate(r, seq=seq, capacity=room.free)
+        return est.tensors - (est.weights if loaded else 0.0), est
+
+    try:
+        first, est = need(recipe)
+    except UserError:
+        raise
+    except Exception as e:  # an architecture the estimate does not understand: train as set
+        print(f"memory: no estimate for this model ({type(e).__name__}: {e}); training as set", flush=True)
+        return recipe
+    if first <= budget:
+        return recipe
+    effective = t.batch_size * t.grad_accum
+    for checkpointing in dict.fromkeys((t.gradient_checkpointing, True)):
+        b = t.batch_size
+        while b >= 1:
+            accum = -(-effective // b)
+            train = t.model_copy(update={"batch_size": b, "grad_accum": accum, "gradient_checkpointing": checkpointing,
+                                         "eval_batch_size": min(t.eval_batch_size or t.batch_size, b)})
+            candidate = recipe.model_copy(update={"train": train})
+            needed, _ = need(candidate)
+            if needed <= budget:
+                how = [f"train.batch_size={b}", f"train.grad_accum={accum}"]
+                if checkpointing and not t.gradient_checkpointing:
+                    how.append("train.gradient_checkpointing=true")
+                same = "the same" if b * accum == effective else "about the same"
+                print(f"memory: batch {t.batch_size} x {est.seq} tokens needs about {fmt(first)} and {fmt(room.free)} "
+                      f"is free ({room.where}); training with {', '.join(how)} ({same} {b * accum} rows per "
+                      f"optimizer step, about {fmt(needed)}). train.fit_memory=false turns this off", flush=True)
+                return candidate
+            b = b // 2 if b > 1 else 0
+    smallest, _ = need(recipe.model_copy(update={"train": t.model_copy(update={
+        "batch_size": 1, "gradient_checkpointing": True})}))
+    raise UserError(f"memory: even batch 1 x {est.seq} tokens with gradient checkpointing needs about {fmt(smallest)} "
+                    f"and {fmt(room.free)} is free ({room.where}); use a shorter data.max_length, --quant 4bit, --bf16 "
+                    "where the device has it, LoRA instead of full fine-tuning, a smaller model, or more memory "
+                    "(train.max_memory_gib if the number above is wrong)")
+

@@ -69,7 +69,7 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Everything that can fail before training, checked before anything is created or deleted."""
     from finetune import models, sources
     from finetune.launch import check_distributed
-    from finetune.memory import check_precision
+    from finetune.precision import check_precision
 
     if owns_run_dir(recipe):
         rundir.check(recipe.output_dir, overwrite, resume, checkpoints.latest(recipe.output_dir) is not None)
@@ -79,7 +79,7 @@ def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
 
     check_extras(recipe)  # LoRA variants, trackers, kernels, early stopping, push_to_hub
     if recipe.model.name:
-        models.check_model_files(recipe.model.name, "model.name")
+        models.check_model_files(recipe.model.name, "model.name", recipe.model.gguf_file, recipe.model.revision)
     sources.check_sources(recipe.data)
     from finetune.quantization import check_quantizable, skeleton
 
@@ -123,8 +123,11 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     """Run one training job from a resolved recipe. Returns its metrics (None on other machines' launchers
     and on ranks other than 0 of a multi-process run). `callbacks` go to the task's trainer."""
     from finetune.launch import needs_launch
+    from finetune.precision import resolve_precision
 
     env_defaults()
+    requested = rundir.fingerprint(recipe.to_yaml())
+    recipe = resolve_precision(recipe, say=is_main_process() and not launched_child())
     run_dir = recipe.output_dir
     owner = owns_run_dir(recipe)
     if not launched_child():
@@ -137,7 +140,8 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     claim = None
     if owner:
         claim = rundir.Claim(run_dir, overwrite, resume, {"task": recipe.task, "method": recipe.method,
-                                                           "base": recipe.model.name or recipe.model.config})
+                                                           "base": recipe.model.name or recipe.model.config,
+                                                           "requested": requested})
     if world_size() > 1 and not launched_child():  # `accelerate launch -m finetune`: rank 0 claimed first
         from accelerate import PartialState
 
@@ -150,9 +154,11 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
           callbacks: list | None = None) -> dict[str, Any] | None:
     from finetune.callbacks import run_callbacks
+    from finetune.headroom import keep_large_blocks_apart
     from finetune.memory import run_with_auto_batch
 
     task = load_task(recipe.task)
+    keep_large_blocks_apart()  # freed activations go back to the system (glibc), so the estimate holds
     try:
         with guards.installed():
             metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume,

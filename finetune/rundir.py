@@ -4,7 +4,9 @@ A run directory holds `run.json`, written when the run claims it:
 
     {"finetune": "0.1.0", "task": "clm", "method": "lora", "status": "running", "step": 0, ...}
 
-`status` is running, finished, interrupted or failed. Only a directory with this marker (or, for
+`status` is running, finished, interrupted or failed; a run whose process was killed without a word
+(SIGKILL: most often the out-of-memory killer, exit code 137) still says running, and `status()`
+reads it as killed when the process named by `pid` and `host` is gone. Only a directory with this marker (or, for
 runs made before it existed, one holding only the files a run writes) is ever replaced by
 `--overwrite`, and only after pre-flight has passed. Replacing moves the old run aside to a hidden
 sibling and deletes it only when the new run finishes: a new run that fails before its first
@@ -14,7 +16,9 @@ checkpoint is removed and the old one put back, byte for byte.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -67,12 +71,60 @@ def is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
+def fingerprint(recipe_yaml: str) -> str:
+    """The recipe a run was asked to run (before it resolved precision, fitted its batch to the memory and
+    planned its epochs, which recipe.yaml records): `requested` in run.json."""
+    import hashlib
+
+    return hashlib.sha256(recipe_yaml.encode()).hexdigest()[:16]
+
+
+def process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def this_process() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": process_start(os.getpid())}
+
+
+def is_alive(marker: dict[str, Any]) -> bool:
+    """Whether the process that wrote a running marker is still there. A marker from another machine (a shared
+    file system), or without a pid (older runs), counts as alive: nothing here can tell."""
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or marker.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process with that pid
+        pass
+    started = marker.get("pid_start")
+    return started is None or process_start(pid) in (None, started)
+
+
 def status(run_dir: Path) -> str:
-    """finished, interrupted, failed, running (or killed without a word), or unknown (older runs)."""
+    """finished, interrupted, failed, running, killed (running, but its process is gone), or unknown (older
+    runs)."""
     marker = read_marker(run_dir)
     if marker is not None:
-        return str(marker.get("status", "unknown"))
+        state = str(marker.get("status", "unknown"))
+        return "killed" if state == "running" and not is_alive(marker) else state
     return "finished" if (run_dir / "metrics.json").is_file() else "unknown"
+
+
+def killed_reason(run_dir: Path) -> str:
+    marker = read_marker(run_dir) or {}
+    step = marker.get("step")
+    at = f" at step {step}" if step else ""
+    return (f"the run in '{run_dir}' was killed{at} without a word (its process {marker.get('pid')} is gone and "
+            "run.json still says running): most often the out-of-memory killer (exit code 137); `finetune plan` "
+            "estimates its memory")
 
 
 def aside_path(run_dir: Path) -> Path:
@@ -89,6 +141,10 @@ def check(run_dir: Path, overwrite: bool, resume: bool, has_checkpoint: bool) ->
     if resume:
         if is_empty(run_dir) or not is_run_dir(run_dir):
             raise UserError(f"--resume: '{run_dir}' holds no finetune run; start one there without --resume")
+        if not has_checkpoint and status(run_dir) == "killed":
+            raise UserError(f"--resume: {killed_reason(run_dir)}; it stopped before its first complete checkpoint, "
+                            "so there is nothing to continue from: pass --overwrite instead of --resume to start it "
+                            "again")
         if not has_checkpoint:
             raise UserError(f"--resume: the run in '{run_dir}' stopped before its first complete checkpoint, so "
                             "there is nothing to continue from; pass --overwrite instead of --resume to start it again")
@@ -107,6 +163,11 @@ def check(run_dir: Path, overwrite: bool, resume: bool, has_checkpoint: bool) ->
         raise UserError(f"--output: '{run_dir}' already holds a finished run; pass --overwrite to replace it, "
                         "--resume with a larger --max-steps or --epochs to train it further, or choose another "
                         "--output")
+    if state == "killed":
+        raise UserError(f"--output: {killed_reason(run_dir)}; " + (
+            "pass --resume to continue it from its last checkpoint, --overwrite to start it again, or choose another "
+            "--output" if has_checkpoint else "it stopped before its first checkpoint: pass --overwrite to start it "
+            "again, or choose another --output"))
     if has_checkpoint:
         raise UserError(f"--output: '{run_dir}' already holds a run that did not finish ({state}); pass --resume "
                         "to continue it from its last checkpoint, --overwrite to start it again, or choose "
@@ -138,7 +199,7 @@ class Claim:
                 run_dir.rename(self.aside)
             self.existed = False
         run_dir.mkdir(parents=True, exist_ok=True)
-        fields = dict(identity)
+        fields = {**identity, **this_process()}
         if not resume:
             fields["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_marker(run_dir, status="running", **fields)

@@ -2,7 +2,7 @@
 metrics and status.
 
 Status: the `status` field of the run's `run.json` marker where the run lifecycle wrote one
-(finished, interrupted, failed, running); otherwise `finished` when metrics.json exists, else
+(finished, interrupted, failed, running, or killed when it says running and its process is gone); otherwise `finished` when metrics.json exists, else
 `interrupted` (a run that stopped before writing its metrics).
 """
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from finetune.rundir import status as rundir_status
 
 # The final metrics shown, first found first (one task logs a few of them).
 SHOWN = ("eval_loss", "eval_accuracy", "eval_bleu", "eval_reward", "reward_end", "eval_rewards/accuracies",
@@ -53,6 +55,8 @@ def describe_run(run: Path) -> dict[str, Any]:
     metrics = read_json(run / "metrics.json")
     marker = read_json(run / "run.json")
     status = marker.get("status") or ("finished" if metrics else "interrupted")
+    if status == "running":
+        status = rundir_status(run)  # killed, when its process is gone
     model = recipe.get("model") or {}
     shown = {k: metrics[k] for k in SHOWN if isinstance(metrics.get(k), (int, float))}
     return {"run": str(run), "task": recipe.get("task", "clm"), "method": recipe.get("method", "lora"),

@@ -96,6 +96,47 @@ def resume_checkpoint(run_dir: Path, report: bool = True) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
+# Steps: small data trained long enough
+
+MIN_STEPS = 100  # optimizer steps small data gets when train.epochs is not set: ...
+MAX_AUTO_EPOCHS = 3  # ... by up to this many passes (trl's default epochs)
+FEW_STEPS = 20  # fewer optimizer steps than this is worth a warning
+
+
+def plan_steps(recipe: Recipe, rows: int, row_length: int | None = None) -> tuple[Recipe, list[str]]:
+    """(recipe, lines to print): how many optimizer steps `rows` training rows make at this batch. When the
+    recipe leaves train.epochs and train.max_steps unset and one pass is under MIN_STEPS steps, the run
+    makes up to MAX_AUTO_EPOCHS passes: 600 short conversations are 52 steps per pass at the default batch,
+    and more steps (not more rows per step) are what moves a LoRA adapter on so little data."""
+    t = recipe.train
+    per_step = t.batch_size * t.grad_accum * t.num_processes
+    batches = math.ceil(rows / (t.batch_size * t.num_processes))  # per process
+    per_epoch = max(1, math.ceil(batches / t.grad_accum))
+    lines = []
+    if t.max_steps > 0:
+        steps, how = t.max_steps, f"train.max_steps, {t.max_steps / per_epoch:.2g} passes over the data"
+    else:
+        epochs = t.epochs
+        unset = not {"epochs", "max_steps"} & t.model_fields_set
+        if unset and per_epoch * epochs < MIN_STEPS and epochs < MAX_AUTO_EPOCHS:
+            epochs = float(min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // per_epoch)))
+            if epochs != t.epochs:
+                recipe = recipe.model_copy(update={"train": t.model_copy(update={"epochs": epochs})})
+                lines.append(f"train.epochs: {epochs:g} (unset: small data makes up to {MAX_AUTO_EPOCHS} passes to "
+                             f"reach about {MIN_STEPS} optimizer steps; --epochs sets it)")
+        steps, how = int(per_epoch * epochs), f"{epochs:g} epoch{'s' if epochs != 1 else ''} of {per_epoch}"
+    accum = f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else ""
+    procs = f" x {t.num_processes} processes" if t.num_processes > 1 else ""
+    tokens = f" of up to {row_length:,} tokens" if row_length else ""
+    lines.insert(0, f"training: {steps:,} optimizer steps ({how}); {rows:,} rows{tokens}, {t.batch_size} per batch"
+                    f"{accum}{procs} = {per_step} rows per step")
+    if steps < FEW_STEPS:
+        lines.append(f"warning: only {steps} optimizer steps: too few for the learning-rate warm-up and schedule to "
+                     "do their work; lower train.batch_size, raise --epochs or give more data")
+    return recipe, lines
+
+
+# ---------------------------------------------------------------------------------------
 # TrainingArguments
 
 
@@ -128,7 +169,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        bf16=t.bf16,
+        bf16=bool(t.bf16),
         fp16=t.fp16,
         gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),

@@ -15,6 +15,9 @@ os.environ["HF_EVALUATE_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fastest, and ranks do not compete
+# train.bf16 unset means float32 here (on a GPU or an AMX CPU it would mean bf16): the same numbers everywhere;
+# tests/test_fit.py checks the machine-dependent default itself
+os.environ["FINETUNE_BF16"] = "0"
 # a datasets cache of this session's own (finetune keeps prepared data there): runs never see a user's entries
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="finetune-datasets-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
@@ -61,6 +64,24 @@ def tiny_gpt(tmp_path_factory) -> str:
     """A 2-layer GPT-2 (hidden 32) with a BPE tokenizer that has a pad token distinct from eos."""
     path = tmp_path_factory.mktemp("tiny-gpt")
     model, tok = new_tiny_gpt(32)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_gpt) -> str:
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 for keys and values), the tiny GPT's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -185,8 +185,12 @@ def test_recipes_list_show_copy(tmp_path):
 
 
 def test_env_reports_offline():
+    from finetune import __version__
+
     code, stdout, _ = invoke("env")
     assert code == 0 and "offline mode" in stdout and "transformers" in stdout
+    assert stdout.splitlines()[0] == f"{'finetune':<14} {__version__}"  # the distribution is finetune-toolkit
+    assert "GiB free (" in stdout
 
 
 def test_two_processes_train_on_disjoint_data_and_write_once(tiny_gpt_lm, toy_qa_text, tmp_path):

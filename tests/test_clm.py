@@ -84,6 +84,22 @@ def test_merged_model_matches_adapter_logits(lora_run, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+def test_generation_folds_the_adapter_into_its_base_with_the_same_logits(lora_run):
+    """`generate` and `chat` run a LoRA run merged in memory (three fewer matmuls per adapted layer and token)."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoTokenizer
+
+    from finetune.inference import load_for_generation
+
+    out, _ = lora_run
+    model, tok, _ = load_for_generation(str(out))
+    assert not isinstance(model, PeftModel) and not any("lora" in n for n, _ in model.named_parameters())
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = AutoTokenizer.from_pretrained(str(out))(toy_sentences(4, seed=9), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert (adapter(**ids).logits - model(**ids).logits).abs().max() < 1e-4
+
+
 def test_generate_from_run_directory(lora_run, tiny_gpt_lm):
     out, _ = lora_run
     prompt = ("where did the red cat", "--temperature", "0", "--max-new-tokens", "8")
@@ -239,3 +255,23 @@ def test_written_jsonl_with_other_columns(tiny_gpt, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"body": t, "id": i} for i, t in enumerate(toy_sentences(60))])
     metrics = train(tiny_gpt, data, tmp_path / "run", steps=3, **{"data.text_column": "body"})
     assert metrics["steps"] == 3
+
+
+def test_an_instruct_model_answers_through_its_chat_template(tiny_gpt, lora_run, tmp_path):
+    """A model directory that is not a finetune run and has a chat template (an instruct model, a GGUF's plain
+    folder) gets prompts as user messages; a run trained on plain text continues them as text."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finetune.chat import set_template
+    from finetune.inference import load_for_generation
+
+    instruct = tmp_path / "instruct"
+    shutil.copytree(tiny_gpt, instruct)
+    tok = AutoTokenizer.from_pretrained(tiny_gpt)
+    set_template(tok, "chatml")
+    tok.save_pretrained(instruct)
+    assert load_for_generation(str(instruct))[2] is True
+    assert load_for_generation(tiny_gpt)[2] is False  # no template
+    assert load_for_generation(str(lora_run[0]))[2] is False  # a run on plain text

@@ -24,6 +24,7 @@ from finetune import chat, corpus, models, training
 from finetune import data as D
 from finetune.adapters import apply_lora, is_adapter_dir, save_adapter
 from finetune.errors import UserError
+from finetune.memory import fit_to_memory
 from finetune.recipe import Recipe
 from finetune.sources import load_source
 
@@ -39,6 +40,14 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 1-2. Tokenizer and data (prepare_data below): sources read and checked, tokenized, mixed, packed.
     tokenizer, _, data = prepare_data(recipe, resume)
     models.pad_with_eos(tokenizer)  # labels are masked by position, so eos pads without a new embedding row
+
+    # Batch and steps, now that the rows are known: the largest micro-batch this machine's memory holds
+    # (grad_accum keeps the effective batch), and small data trained for enough optimizer steps.
+    recipe = fit_to_memory(recipe, seq=data.block)
+    if not d.streaming:
+        recipe, lines = training.plan_steps(recipe, len(data.train), data.block)
+        for line in lines:
+            print(line, flush=True)
 
     # 3. Model: from a config (pre-training) or a checkpoint; rows for the template's new tokens.
     if recipe.method == "pretrain":
@@ -189,8 +198,8 @@ def load_trained(run_dir: Path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(str(run_dir), **kwargs)
 
 
-def check(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """Data checks for `finetune validate`: (problems, notes). Every source of a mixture with its rows,
+def check(recipe: Recipe) -> tuple:
+    """Data checks for `finetune validate`: (problems, notes[, tokens per row]). Every source of a mixture with its rows,
     tokens and share; chat data: every bad row, then one rendered example with its trained tokens marked
     and the share of tokens that carry the loss."""
     from finetune.sources import listed
@@ -257,9 +266,8 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         notes.append(f"{too_long} examples ({too_long / len(lengths):.1%}) exceed data.max_length={max_length} and "
                      f"will be {fate}" + (" (data.packing: true splits them instead)"
                                           if fmt == "text" and not packing else ""))
-    if packing:
-        notes.append(f"packing: whole examples packed into rows of {max_length} tokens (exact: each sees only "
-                     "itself); data.packing: false pads each batch instead")
+    more, block = step_notes(recipe, samples, max_length, packing)
+    notes += more
     chats = [(s, f, t) for s, _, f, t in samples if f != "text"]
     if chats:
         source, fmt, tokenized = chats[0]
@@ -270,7 +278,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
                      "the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
         shown = chat.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour).rstrip("\n")
         notes.append("  " + shown.replace("\n", "\n    "))
-    return problems, notes
+    return problems, notes, block  # the row length: the memory estimate's
 
 
 def check_source(source, whole: bool) -> tuple[list[str], list[str], object, str]:
@@ -349,3 +357,26 @@ def mixture_notes(samples: list, stopping_strategy: str) -> list[str]:
     out.append(f"  the mixture ends after about {ends:,.0f} rows ({stopping_strategy}" +
                (f": {first} runs out first)" if stopping_strategy == "first_exhausted" else ")"))
     return out
+
+
+def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) -> list[str]:
+    """(notes, row length): the row length, and how many optimizer steps the run will take (from the tokenized
+    sample of each source, scaled to its rows), as training will print them."""
+    parts = [t for s, _, _, t in samples if s.key.startswith("data.train")]
+    block = max_length if recipe.data.max_length else D.fitted_block(parts, max_length, packing)
+    notes = []
+    if packing:
+        why = "" if recipe.data.max_length else " (the longest example, rounded up to a power of two; data.max_length sets it)"
+        notes.append(f"packing: whole examples packed into rows of {block} tokens{why} (exact: each sees only "
+                     "itself); data.packing: false pads each batch instead")
+    if recipe.data.streaming:
+        return notes
+    rows = 0.0
+    for source, all_rows, _, tokenized in samples:
+        if not source.key.startswith("data.train") or not len(tokenized):
+            continue
+        n = len(D.packed_dataset(tokenized, block)) if packing else len(tokenized)
+        rows += n * len(all_rows) / len(tokenized)
+    held = recipe.data.eval_fraction if not recipe.data.eval and not recipe.data.eval_split else 0.0
+    _, lines = training.plan_steps(recipe, max(1, round(rows * (1 - held))), block)
+    return notes + [line.replace("training: ", "training: about ", 1) for line in lines], block
