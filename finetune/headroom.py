@@ -121,18 +121,19 @@ def headroom(cap_gib: float | None = None) -> Headroom:
     return cpu_headroom(cap_gib)
 
 
-def keep_large_blocks_apart() -> None:
+def keep_large_blocks_apart() -> bool:
     """glibc malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
     blocks of activations and gradients come from the heap and freed ones stay resident: training
-    SmolLM2-135M (batch 2 x 1024 tokens) peaked at 6.25 GiB resident against 4.36 GiB of live tensors.
-    A fixed threshold of 1 MiB returns them to the system when freed: 4.96 GiB, at the same speed
-    (BENCHMARKS.md). Linux with glibc only; elsewhere nothing changes."""
+    SmolLM2-135M (batch 2 x 1024 tokens, float32) peaked at 6.25 GiB resident against 4.36 GiB of live
+    tensors. A fixed threshold of 1 MiB returns them to the system when freed: 4.96 GiB. It costs system
+    time (every such block is a fresh mapping): bf16 LoRA steps of batch 8 x 128 took 1.33x as long, so
+    runs only turn it on when memory is tight (memory.keep_tight). Linux with glibc only; returns whether
+    it is on."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # the user's own setting wins
-        return
+        return False
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
-        pass
+        return False

@@ -154,11 +154,9 @@ def execute(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
           callbacks: list | None = None) -> dict[str, Any] | None:
     from finetune.callbacks import run_callbacks
-    from finetune.headroom import keep_large_blocks_apart
     from finetune.memory import run_with_auto_batch
 
     task = load_task(recipe.task)
-    keep_large_blocks_apart()  # freed activations go back to the system (glibc), so the estimate holds
     try:
         with guards.installed():
             metrics = run_with_auto_batch(recipe, lambda r: task.run(r, resume=resume,

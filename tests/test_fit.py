@@ -68,6 +68,14 @@ def llama_recipe(model, data, out, **train):
                          "train": {"output_dir": str(out), "batch_size": 8, "grad_accum": 1, **train}})
 
 
+@pytest.fixture(autouse=True)
+def allocator_left_alone(monkeypatch):
+    """A tight fit would fix glibc's mmap threshold for the rest of the test session: record it instead."""
+    from finetune import headroom
+
+    monkeypatch.setattr(headroom, "keep_large_blocks_apart", lambda: False)
+
+
 def with_free_memory(monkeypatch, free: float) -> None:
     from finetune import headroom
 
@@ -75,7 +83,7 @@ def with_free_memory(monkeypatch, free: float) -> None:
 
 
 def test_fit_keeps_a_recipe_that_fits(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.memory import fit_to_memory
+    from finetune.fit import fit_to_memory
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     with_free_memory(monkeypatch, 64 * GiB)
@@ -84,7 +92,8 @@ def test_fit_keeps_a_recipe_that_fits(tiny_llama, toy_text, tmp_path, monkeypatc
 
 
 def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.memory import estimate, fit_to_memory, fmt
+    from finetune.fit import fit_to_memory
+    from finetune.memory import estimate, fmt
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     full = estimate(recipe).tensors
@@ -100,8 +109,28 @@ def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text
         "train.fit_memory=false turns this off\n")
 
 
+def test_a_tight_fit_returns_freed_blocks_to_the_system(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
+    """Room for the tensors but not for glibc's slack: freed blocks go back at once (slower steps); with room
+    to spare the allocator is left alone (fast)."""
+    from finetune import fit, headroom
+    from finetune.memory import estimate
+
+    turned_on = []
+    monkeypatch.setattr(headroom, "keep_large_blocks_apart", lambda: turned_on.append(1) or True)
+    recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
+    need = estimate(recipe).tensors
+    with_free_memory(monkeypatch, need * 10)
+    assert fit.fit_to_memory(recipe) is recipe and not turned_on
+    with_free_memory(monkeypatch, need * 1.2 / 0.9)
+    assert fit.fit_to_memory(recipe) is recipe and turned_on
+    assert capsys.readouterr().out == ("memory: tight, so freed blocks go back to the system at once (glibc's mmap "
+                                       "threshold at 1 MiB): resident memory stays near the estimate, steps take up "
+                                       "to a third longer\n")
+
+
 def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llama, toy_text, tmp_path, monkeypatch):
-    from finetune.memory import estimate, fit_to_memory
+    from finetune.fit import fit_to_memory
+    from finetune.memory import estimate
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     one = recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 1})})
@@ -114,7 +143,8 @@ def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llam
 
 def test_nothing_fits_is_one_line_with_the_numbers(tiny_llama, toy_text, tmp_path, monkeypatch):
     from finetune.errors import UserError
-    from finetune.memory import estimate, fit_to_memory, fmt
+    from finetune.fit import fit_to_memory
+    from finetune.memory import estimate, fmt
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     smallest = recipe.model_copy(update={"train": recipe.train.model_copy(update={

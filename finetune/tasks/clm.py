@@ -24,7 +24,7 @@ from finetune import chat, corpus, models, training
 from finetune import data as D
 from finetune.adapters import apply_lora, is_adapter_dir, save_adapter
 from finetune.errors import UserError
-from finetune.memory import fit_to_memory
+from finetune.fit import fit_to_memory
 from finetune.recipe import Recipe
 from finetune.sources import load_source
 
