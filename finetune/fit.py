@@ -47,7 +47,10 @@ def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) 
     budget = SPARE * room.free
 
     def need(r: Recipe) -> tuple[float, Estimate]:
-        est = estimate(r, seq=seq, capacity=room.free)
+        import torch
+
+        with torch.random.fork_rng():  # building the skeleton's adapter must not move the run's random stream
+            est = estimate(r, seq=seq, capacity=room.free)
         return est.tensors - (est.weights if loaded else 0.0), est
 
     try:

@@ -233,6 +233,14 @@ def test_an_explicit_epoch_count_is_kept_and_few_steps_are_warned(tiny_gpt, tmp_
     assert "train.epochs:" not in stdout
 
 
+def test_validate_of_a_stream_names_its_rows_and_no_epochs(tiny_gpt, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(40, seed=0))
+    code, stdout, stderr = invoke("validate", "--model", tiny_gpt, "--data", data, "--max-steps", "5",
+                                  "--set", "data.chat_template=chatml", "--set", "data.streaming=true")
+    assert code == 0, stderr
+    assert "packing: whole examples packed into rows of 64 tokens" in stdout and "optimizer steps" not in stdout
+
+
 def test_fitted_block_is_the_longest_example_rounded_up():
     from datasets import Dataset
 
@@ -322,3 +330,12 @@ def test_bf16_is_the_default_where_the_device_runs_it_natively(tiny_gpt, toy_tex
         update={"bf16": False})})).train.bf16 is False  # float32 asked for
     monkeypatch.setattr(precision, "native_bf16", lambda: False)
     assert precision.resolve_precision(recipe).train.bf16 is False
+
+
+def test_a_run_that_fits_trains_exactly_as_without_the_fit(tiny_gpt, toy_text, tmp_path):
+    """Fitting builds the model's skeleton (and an adapter on it): the run's random stream must not move."""
+    from test_clm import losses, train
+
+    train(tiny_gpt, toy_text, tmp_path / "fit", steps=6, **{"train.logging_steps": 1})
+    train(tiny_gpt, toy_text, tmp_path / "as-set", steps=6, **{"train.logging_steps": 1, "train.fit_memory": "false"})
+    assert losses(tmp_path / "fit") == losses(tmp_path / "as-set")

@@ -199,9 +199,9 @@ def load_trained(run_dir: Path, **kwargs):
 
 
 def check(recipe: Recipe) -> tuple:
-    """Data checks for `finetune validate`: (problems, notes[, tokens per row]). Every source of a mixture with its rows,
-    tokens and share; chat data: every bad row, then one rendered example with its trained tokens marked
-    and the share of tokens that carry the loss."""
+    """Data checks for `finetune validate`: (problems, notes[, tokens per row]). Every source of a mixture with
+    its rows, tokens and share; the row length and the optimizer steps; chat data: every bad row, then one
+    rendered example with its trained tokens marked and the share of tokens that carry the loss."""
     from finetune.sources import listed
 
     problems, notes = [], []
@@ -359,18 +359,19 @@ def mixture_notes(samples: list, stopping_strategy: str) -> list[str]:
     return out
 
 
-def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) -> list[str]:
+def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) -> tuple[list[str], int]:
     """(notes, row length): the row length, and how many optimizer steps the run will take (from the tokenized
     sample of each source, scaled to its rows), as training will print them."""
     parts = [t for s, _, _, t in samples if s.key.startswith("data.train")]
     block = max_length if recipe.data.max_length else D.fitted_block(parts, max_length, packing)
     notes = []
     if packing:
-        why = "" if recipe.data.max_length else " (the longest example, rounded up to a power of two; data.max_length sets it)"
+        why = "" if recipe.data.max_length else \
+            " (the longest example, rounded up to a power of two; data.max_length sets it)"
         notes.append(f"packing: whole examples packed into rows of {block} tokens{why} (exact: each sees only "
                      "itself); data.packing: false pads each batch instead")
-    if recipe.data.streaming:
-        return notes
+    if recipe.data.streaming:  # a stream has no length: train.max_steps decides
+        return notes, block
     rows = 0.0
     for source, all_rows, _, tokenized in samples:
         if not source.key.startswith("data.train") or not len(tokenized):
