@@ -32,7 +32,8 @@ def environment_report() -> str:
         from finetune.headroom import cpu_headroom
 
         room = cpu_headroom()
-        lines.append(f"{'devices':<14} CPU only ({os.cpu_count()} cores), {room.free / 2**30:.1f} GiB free ({room.where})")
+        lines.append(f"{'devices':<14} CPU only ({os.cpu_count()} cores), {room.free / 2**30:.1f} GiB free "
+                     f"({room.where})")
     lines.append(f"{'hub':<14} {hub_status()}")
     lines.append(f"{'HF_HOME':<14} {os.environ.get('HF_HOME', '~/.cache/huggingface')}")
     lines.append(f"{'HF_TOKEN':<14} {'set' if os.environ.get('HF_TOKEN') else 'not set'}")

@@ -291,7 +291,8 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int
         notes.append(f"trains {trainable:,} LoRA parameters of {total:,}")
     capacity = capacity if capacity is not None else device_capacity()
     process = 0.0 if is_cuda() else resident_bytes()  # this process now: imports done, no weights loaded yet
-    return Estimate(process=process, weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
+    return Estimate(process=process, weights=weights, gradients=gradients, optimizer=optimizer,
+                    activations=float(activations),
                     logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
                     devices=devices, seq=s, capacity=capacity, notes=notes)
 

@@ -2,8 +2,9 @@
 metrics and status.
 
 Status: the `status` field of the run's `run.json` marker where the run lifecycle wrote one
-(finished, interrupted, failed, running, or killed when it says running and its process is gone); otherwise `finished` when metrics.json exists, else
-`interrupted` (a run that stopped before writing its metrics).
+(finished, interrupted, failed, running, or killed when it says running and its process is gone);
+otherwise `finished` when metrics.json exists, else `interrupted` (a run that stopped before writing its
+metrics).
 """
 
 from __future__ import annotations
