@@ -223,7 +223,7 @@ def memory(args) -> None:
         peak_line = next(line for line in plan.splitlines() if line.strip().startswith("peak"))
         value, unit = peak_line.split()[1:3]
         est = float(value) * (1 if unit == "GiB" else 1 / 1024)
-        out = root / f"run-{method}-{batch}-{length}-{packing}"
+        out = root / f"run-{method}-{batch}-{length}-{packing}-{precision}"
         code, measured = peak_rss(["finetune", method, "--model", folder, "--data", str(chats), "-o", str(out),
                                    "--max-steps", "3", *sets, "--set", "train.save_steps=1000"],
                                   args.allocator == "tight")
