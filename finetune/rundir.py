@@ -6,8 +6,8 @@ A run directory holds `run.json`, written when the run claims it:
 
 `status` is running, finished, interrupted or failed; a run whose process was killed without a word
 (SIGKILL: most often the out-of-memory killer, exit code 137) still says running, and `status()`
-reads it as killed when the process named by `pid` and `host` is gone. Only a directory with this marker (or, for
-runs made before it existed, one holding only the files a run writes) is ever replaced by
+reads it as killed when the process named by `pid` and `host` is gone. Only a directory with this
+marker (or, for runs made before it existed, one holding only the files a run writes) is ever replaced by
 `--overwrite`, and only after pre-flight has passed. Replacing moves the old run aside to a hidden
 sibling and deletes it only when the new run finishes: a new run that fails before its first
 checkpoint is removed and the old one put back, byte for byte.
