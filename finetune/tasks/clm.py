@@ -366,10 +366,11 @@ def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) ->
     block = max_length if recipe.data.max_length else D.fitted_block(parts, max_length, packing)
     notes = []
     if packing:
-        why = "" if recipe.data.max_length else \
-            " (the longest example, rounded up to a power of two; data.max_length sets it)"
-        notes.append(f"packing: whole examples packed into rows of {block} tokens{why} (exact: each sees only "
+        notes.append(f"packing: whole examples packed into rows of {block} tokens (exact: each sees only "
                      "itself); data.packing: false pads each batch instead")
+        if not recipe.data.max_length:
+            notes.append("  the row length follows the data: the longest example rounded up to a power of two, at "
+                         f"most {max_length} (data.max_length sets it)")
     if recipe.data.streaming:  # a stream has no length: train.max_steps decides
         return notes, block
     rows = 0.0
