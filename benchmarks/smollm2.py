@@ -161,10 +161,9 @@ def generate(args) -> None:
     sources = {"base": plain_folder()}
     if args.run:
         sources["run"] = args.run
-    for name, source in sources.items():
-        start = time.perf_counter()
-        from finetune.inference import generate_file
+    from finetune.inference import generate_file
 
+    for name, source in sources.items():
         stats = generate_file(source, prompts, root / f"{name}.jsonl", args.batch, args.new_tokens, 0.0, 1.0, 0)
         ours = stats["new_tokens"] / stats["seconds"]
 

@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import cli_env, invoke, write_jsonl
-from test_clm_chat import CHAT_SETS, conversations
+from test_clm_chat import conversations
 
 GiB = 2**30
 
@@ -181,7 +180,7 @@ def test_a_run_with_little_memory_trains_with_a_smaller_batch(tiny_llama, tmp_pa
     cap = (need(4) + need(8)) / 2 / 0.9 / GiB  # 4 rows fit, 8 do not
     code, stdout, stderr = invoke(*args, "--set", f"train.max_memory_gib={cap:.6f}")
     assert code == 0, stderr
-    assert f"memory: batch 16 x 128 tokens needs about " in stdout
+    assert "memory: batch 16 x 128 tokens needs about " in stdout
     assert "training with train.batch_size=4, train.grad_accum=4 (the same 16 rows per optimizer step" in stdout
     saved = yaml.safe_load((out / "recipe.yaml").read_text())["train"]
     assert (saved["batch_size"], saved["grad_accum"]) == (4, 4)
