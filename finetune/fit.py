@@ -19,7 +19,7 @@ SPARE = 0.9  # of the free memory a run may plan to use: the allocator's fragmen
 SLACK = 1.45  # CPU: glibc's heap keeps freed blocks, up to 1.43x the live tensors here (finetune/headroom.py)
 
 
-def keep_tight(recipe: Recipe, needed: float, budget: float) -> Recipe:
+def keep_tight(needed: float, budget: float) -> None:
     """On CPU, a run whose tensors would not fit with the allocator's slack returns freed blocks to the system
     at once (a fixed mmap threshold): resident memory then stays at the estimate, for slower steps."""
     from finetune.headroom import keep_large_blocks_apart
@@ -27,7 +27,6 @@ def keep_tight(recipe: Recipe, needed: float, budget: float) -> Recipe:
     if not is_cuda() and needed * SLACK > budget and keep_large_blocks_apart():
         print("memory: tight, so freed blocks go back to the system at once (glibc's mmap threshold at 1 MiB): "
               "resident memory stays near the estimate, steps take up to a third longer", flush=True)
-    return recipe
 
 
 def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) -> Recipe:
@@ -61,7 +60,8 @@ def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) 
         print(f"memory: no estimate for this model ({type(e).__name__}: {e}); training as set", flush=True)
         return recipe
     if first <= budget:
-        return keep_tight(recipe, first, budget)
+        keep_tight(first, budget)
+        return recipe
     effective = t.batch_size * t.grad_accum
     for checkpointing in dict.fromkeys((t.gradient_checkpointing, True)):
         b = t.batch_size
@@ -79,7 +79,8 @@ def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) 
                 print(f"memory: batch {t.batch_size} x {est.seq} tokens needs about {fmt(first)} and {fmt(room.free)} "
                       f"is free ({room.where}); training with {', '.join(how)} ({same} {b * accum} rows per "
                       f"optimizer step, about {fmt(needed)}). train.fit_memory=false turns this off", flush=True)
-                return keep_tight(candidate, needed, budget)
+                keep_tight(needed, budget)
+                return candidate
             b = b // 2 if b > 1 else 0
     smallest, _ = need(recipe.model_copy(update={"train": t.model_copy(update={
         "batch_size": 1, "gradient_checkpointing": True})}))

@@ -86,11 +86,14 @@ def cpu_headroom(cap_gib: float | None = None) -> Headroom:
     found = Headroom(available if available is not None else float("inf"), "available RAM")
     if limited is not None and limited < found.free:
         found = Headroom(limited, "free memory within the container's (cgroup's) limit")
-    if cap_gib is not None:
-        cap = cap_gib * GiB - resident_bytes()
-        if cap < found.free:
-            found = Headroom(max(0.0, cap), f"free memory within train.max_memory_gib={cap_gib:g}")
-    return found
+    return capped(found, cap_gib, resident_bytes(), "free memory")
+
+
+def capped(found: Headroom, cap_gib: float | None, used: float, what: str) -> Headroom:
+    """train.max_memory_gib, where it leaves less than `found`: the cap less what the process holds (`used`)."""
+    if cap_gib is None or cap_gib * GiB - used >= found.free:
+        return found
+    return Headroom(max(0.0, cap_gib * GiB - used), f"{what} within train.max_memory_gib={cap_gib:g}")
 
 
 def resident_bytes() -> float:
@@ -112,12 +115,8 @@ def headroom(cap_gib: float | None = None) -> Headroom:
 
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
-        found = Headroom(float(free), "free GPU memory")
-        if cap_gib is not None:
-            cap = cap_gib * GiB - torch.cuda.memory_reserved()
-            if cap < found.free:
-                found = Headroom(max(0.0, cap), f"free GPU memory within train.max_memory_gib={cap_gib:g}")
-        return found
+        return capped(Headroom(float(free), "free GPU memory"), cap_gib, torch.cuda.memory_reserved(),
+                      "free GPU memory")
     return cpu_headroom(cap_gib)
 
 
@@ -127,7 +126,7 @@ def keep_large_blocks_apart() -> bool:
     SmolLM2-135M (batch 2 x 1024 tokens, float32) peaked at 6.25 GiB resident against 4.36 GiB of live
     tensors. A fixed threshold of 1 MiB returns them to the system when freed: 4.96 GiB. It costs system
     time (every such block is a fresh mapping): bf16 LoRA steps of batch 8 x 128 took 1.33x as long, so
-    runs only turn it on when memory is tight (memory.keep_tight). Linux with glibc only; returns whether
+    runs only turn it on when memory is tight (fit.keep_tight). Linux with glibc only; returns whether
     it is on."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # the user's own setting wins
         return False

@@ -253,7 +253,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int
         per_layer += b * s * s * act_bytes
     if recipe.lora.dropout > 0:
         per_layer += b * s * lora_inputs / L * act_bytes
-    if (recipe.model.attn_implementation or getattr(config, "_attn_implementation", None)) == "eager":
+    if attn == "eager":
         per_layer += 2 * b * dims["heads"] * s * s * act_bytes
     if t.gradient_checkpointing:
         activations = L * b * s * h * hidden_bytes + per_layer

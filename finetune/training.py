@@ -119,11 +119,10 @@ def plan_steps(recipe: Recipe, rows: int, row_length: int | None = None) -> tupl
         epochs = t.epochs
         unset = not {"epochs", "max_steps"} & t.model_fields_set
         if unset and per_epoch * epochs < MIN_STEPS and epochs < MAX_AUTO_EPOCHS:
-            epochs = float(min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // per_epoch)))
-            if epochs != t.epochs:
-                recipe = recipe.model_copy(update={"train": t.model_copy(update={"epochs": epochs})})
-                lines.append(f"train.epochs: {epochs:g} (unset: small data makes up to {MAX_AUTO_EPOCHS} passes to "
-                             f"reach about {MIN_STEPS} optimizer steps; --epochs sets it)")
+            epochs = float(min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // per_epoch)))  # >= 2: one pass is under MIN_STEPS
+            recipe = recipe.model_copy(update={"train": t.model_copy(update={"epochs": epochs})})
+            lines.append(f"train.epochs: {epochs:g} (unset: small data makes up to {MAX_AUTO_EPOCHS} passes to "
+                         f"reach about {MIN_STEPS} optimizer steps; --epochs sets it)")
         steps, how = int(per_epoch * epochs), f"{epochs:g} epoch{'s' if epochs != 1 else ''} of {per_epoch}"
     accum = f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else ""
     procs = f" x {t.num_processes} processes" if t.num_processes > 1 else ""
