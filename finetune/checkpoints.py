@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
+
+from finetune.models import safetensors_problem
 
 MANIFEST = "manifest.json"
 HASH_LIMIT = 512 * 2**20
@@ -43,26 +44,6 @@ def write_manifest(checkpoint: Path) -> None:
     tmp = checkpoint / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
     tmp.replace(checkpoint / MANIFEST)
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is unreadable (truncated, not safetensors), or None."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return "truncated"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return "not a safetensors file"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and "data_offsets" in t]
-    if 8 + n + max(ends, default=0) > size:
-        return "truncated"
-    return None
 
 
 def problem(checkpoint: Path) -> str | None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from finetune.errors import Stopped, UserError
+from finetune.errors import Stopped, UserError, first_line
 from finetune.tasks import method_tasks
 
 
@@ -60,7 +60,6 @@ def guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     except Exception as e:  # a bug or an environment failure, not bad input
         if debug:
             raise
-        from finetune.models import first_line
 
         fail([f"{type(e).__name__}: {first_line(e)}", "run again with --debug for the full traceback"], code=1)
 

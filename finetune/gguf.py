@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 MAGIC = b"GGUF"
 # llama.cpp's architecture names that transformers spells differently (modeling_gguf_pytorch_utils)
@@ -84,7 +84,7 @@ def download(repo: str, filename: str, revision: str | None) -> tuple[str, tuple
     try:
         path = hf_hub_download(repo, filename, revision=revision, local_files_only=not online)
     except Exception as e:  # not found, gated, offline without a cached copy
-        why = summary(e) if online else f"{unreachable_reason()} with no cached copy"
+        why = first_line(e) if online else f"{unreachable_reason()} with no cached copy"
         raise UserError(f"model.gguf_file: could not get '{filename}' from the Hub repo '{repo}': {why}") \
             from e
     # the snapshot path holds the commit, so a repo updated on the Hub gets a new entry
@@ -149,7 +149,7 @@ def convert(path: str, arch: str, target: Path, key: str, shown: str) -> None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
             model = auto_cls.from_pretrained(folder, gguf_file=filename, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise UserError(f"{key}: transformers could not read '{shown}' (GGUF, {arch}): {summary(e)}") from e
+            raise UserError(f"{key}: transformers could not read '{shown}' (GGUF, {arch}): {first_line(e)}") from e
         if getattr(model.config, "quantization_config", None) is not None:
             model = plain_copy(model, auto_cls)
         if hasattr(model.config, "_model_name_or_path"):  # the GGUF's general.name; config.json needs none
@@ -165,12 +165,6 @@ def convert(path: str, arch: str, target: Path, key: str, shown: str) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def summary(e: BaseException) -> str:
-    """The first line of an exception's message (finetune.models.first_line, which imports this module)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def plain_copy(loaded, auto_cls):

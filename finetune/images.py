@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.sources import IMAGE_SUFFIXES, load_source
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.recipe import ModelSpec
 
 
@@ -64,7 +64,6 @@ def open_image(item: Any, key: str, base: Path | None = None):
     except UserError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        from finetune.models import first_line
 
         raise UserError(f"{key}: cannot read image '{name}' ({first_line(e)}); replace or remove the file") from e
 
@@ -91,7 +90,6 @@ def check_images(ds, column: str, key: str, base: Path | None = None) -> None:
                     continue
                 Image.open(path).close()
         except (UnidentifiedImageError, OSError, TypeError, ValueError) as e:
-            from finetune.models import first_line
 
             problems.append(f"{key}: cannot read image '{item_name(item)}' ({first_line(e)}); replace or "
                             "remove the file")
@@ -162,7 +160,7 @@ def load_image_processor(spec: ModelSpec, source: str | None = None):
 
     from transformers import AutoImageProcessor
 
-    from finetune.models import check_source, first_line
+    from finetune.models import check_source
 
     source = source or check_source(spec.name, "model.name", "preprocessor_config.json")
     if Path(source).is_dir() and not (Path(source) / "preprocessor_config.json").is_file():

@@ -15,62 +15,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from finetune.errors import UserError
 from finetune.headroom import resident_bytes
 from finetune.recipe import Recipe
 from finetune.tasks import task_info
 
 GiB = 2**30
-
-
-# ---------------------------------------------------------------------------------------
-# Automatic batch size
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    return should_reduce_batch_size(e) or type(e).__name__ == "OutOfMemoryError"
-
-
-def halve_batch(recipe: Recipe) -> Recipe:
-    """Half the micro-batch, twice the accumulation: the effective batch (and so the optimisation) is
-    unchanged. The Trainer's own auto_find_batch_size shrinks by 10% per attempt and leaves the
-    effective batch smaller; halving finds a fitting size in a few attempts."""
-    t = recipe.train
-    if t.batch_size == 1:
-        raise UserError("train.auto_batch_size: out of memory even with train.batch_size=1; use "
-                        "--quant 4bit, --bf16, train.gradient_checkpointing=true, a shorter data.max_length, "
-                        "or more processes with --distributed fsdp")
-    train = t.model_copy(update={"batch_size": t.batch_size // 2, "grad_accum": t.grad_accum * 2,
-                                 "eval_batch_size": t.eval_batch_size // 2 if t.eval_batch_size else None})
-    return recipe.model_copy(update={"train": train})
-
-
-def run_with_auto_batch(recipe: Recipe, run):
-    """`run(recipe)`, and with train.auto_batch_size again on out-of-memory with half the batch."""
-    import gc
-
-    while True:
-        try:
-            return run(recipe)
-        except Exception as e:
-            if not (recipe.train.auto_batch_size and is_out_of_memory(e)):
-                raise
-        smaller = halve_batch(recipe)
-        print(f"out of memory with train.batch_size={recipe.train.batch_size}; starting again with "
-              f"batch_size={smaller.train.batch_size} and grad_accum={smaller.train.grad_accum} "
-              "(same effective batch)", flush=True)
-        recipe = smaller
-        gc.collect()
-        free_device_cache()
-
-
-def free_device_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,11 +7,7 @@ extra metrics a recipe names, and only when it can load them.
 
 from __future__ import annotations
 
-import math
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
+from finetune.errors import first_line
 
 
 # --- classification metrics (accuracy, F1, per-class report) ---
@@ -96,7 +92,6 @@ def load_extra_metrics(names: list[str], key: str) -> dict:
     cached metrics and local script paths load. The built-in metrics never need this."""
     if not names:
         return {}
-    from finetune.models import first_line
 
     try:
         import evaluate  # ~4-6 s to import: only when a recipe asks for it
@@ -117,7 +112,6 @@ def load_extra_metrics(names: list[str], key: str) -> dict:
 def extra_metric_values(metrics: dict, predictions, references, taken=()) -> dict[str, float]:
     """Numbers from the loaded `evaluate` metrics; a key already in `taken` is prefixed with the
     metric's name. A metric that fails (e.g. it needs extra arguments) is skipped with a warning."""
-    from finetune.models import first_line
 
     out: dict[str, float] = {}
     for name, metric in metrics.items():

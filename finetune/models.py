@@ -8,11 +8,13 @@ pre-training builds a model from a size preset or a config file with `model_from
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.gguf import is_gguf, plain_model
 from finetune.hub import hub_reachable, unreachable_reason
 from finetune.recipe import ModelSpec, QuantSpec
@@ -65,10 +67,28 @@ def model_source(spec: ModelSpec, key: str = "model.name") -> str:
     return plain_model(spec.name, spec.gguf_file, key, spec.revision)
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unreadable (truncated, not safetensors), or None."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return "truncated"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return "not a safetensors file"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and "data_offsets" in t]
+    if 8 + n + max(ends, default=0) > size:
+        return "truncated"
+    return None
+
+
 def check_model_files(name: str, key: str, gguf_file: str | None = None, revision: str | None = None) -> None:
     """Pre-flight: the model exists (or is a reachable Hub id) and its local weight files are whole."""
-    from finetune.checkpoints import safetensors_problem
-
     name = plain_model(name, gguf_file, key, revision)
     check_source(name, key)
     path = Path(name).expanduser()
@@ -243,8 +263,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

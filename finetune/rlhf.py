@@ -16,7 +16,7 @@ from pathlib import Path
 from finetune import data as D
 from finetune import models
 from finetune.adapters import is_adapter_dir
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.recipe import Recipe
 from finetune.rewards import is_chat
 from finetune.sources import load_source
@@ -186,7 +186,7 @@ def load_policy(recipe: Recipe, auto_cls=None, **kwargs):
             model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
             model.requires_grad_(True)  # peft loaded the base frozen; merged, it is a plain model again
         except (OSError, ValueError) as e:
-            raise UserError(f"model.name: could not load the LoRA run '{path}': {models.first_line(e)}") from e
+            raise UserError(f"model.name: could not load the LoRA run '{path}': {first_line(e)}") from e
         if auto_cls is not AutoModelForCausalLM:
             model = transplant(model, auto_cls, **kwargs)
         return model, True

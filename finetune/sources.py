@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.recipe import DataSpec, SourceSpec
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -51,7 +51,6 @@ def load_source(name: str, key: str, split: str = "train", config: str | None = 
     except UserError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files
-        from finetune.models import first_line
 
         why = file_problem(path, key, name) if path.is_file() else None
         raise UserError(why or f"{key}: could not read '{name}': {first_line(e)}") from e

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 from finetune.checkpoints import checkpoint_step  # noqa: F401  (the tasks' resume step)
 from finetune.errors import UserError, did_you_mean
-from finetune.metrics import perplexity
 from finetune.recipe import Recipe
 from finetune.runlog import append_log, last_logged, read_log, trim_log, whole_run
 
@@ -322,7 +321,7 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
         if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("_runtime", "per_second")):
             metrics[k] = round(v, 6)
     if "eval_loss" in metrics:
-        metrics["perplexity"] = round(perplexity(metrics["eval_loss"]), 4)
+        metrics["perplexity"] = round(math.exp(min(metrics["eval_loss"], 50.0)), 4)
     if getattr(state, "best_global_step", None) and trainer.args.load_best_model_at_end:
         metrics["best_step"] = state.best_global_step  # the weights saved (train.keep_best / early stopping)
     import torch

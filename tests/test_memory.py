@@ -97,7 +97,7 @@ def test_validate_ends_with_the_estimate(tiny_gpt, toy_text):
 def test_auto_batch_size_halves_and_keeps_the_effective_batch(tiny_gpt, toy_text, tmp_path):
     from transformers import TrainerCallback
 
-    from finetune.memory import run_with_auto_batch
+    from finetune.run import run_with_auto_batch
     from finetune.tasks import clm
 
     tried = []
@@ -123,7 +123,7 @@ def test_auto_batch_size_halves_and_keeps_the_effective_batch(tiny_gpt, toy_text
 
 
 def test_out_of_memory_without_auto_batch_size_is_not_retried(tiny_gpt, toy_text, tmp_path):
-    from finetune.memory import run_with_auto_batch
+    from finetune.run import run_with_auto_batch
 
     calls = []
 

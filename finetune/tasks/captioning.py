@@ -29,7 +29,7 @@ from pathlib import Path
 from finetune import data as D
 from finetune import images, models, training
 from finetune.adapters import apply_lora, is_adapter_dir
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.metrics import generation_metrics
 from finetune.recipe import CaptioningSpec, Recipe
 
@@ -231,7 +231,7 @@ def build_model(recipe: Recipe, spec: CaptioningSpec, tokenizer):
                 decoder_config=decoder_config)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"captioning.decoder: could not join '{recipe.model.name}' and '{spec.decoder}' into a "
-                            f"VisionEncoderDecoder: {models.first_line(e)}") from e
+                            f"VisionEncoderDecoder: {first_line(e)}") from e
     vocab = model.decoder.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise UserError(f"model.tokenizer: {len(tokenizer)} tokens, but the decoder has {vocab} embeddings; "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from finetune import models, rlhf, runlog, training
 from finetune.adapters import is_adapter_dir, lora_config
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.recipe import DpoSpec, Recipe
 
 # DPO moves far on small rates: these are trl's defaults (full) and a common LoRA choice.
@@ -80,7 +80,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                              callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     except ValueError as e:
         if "Target modules" in str(e):  # peft: lora.target_modules names no module of this model
-            raise UserError(f"lora.target_modules: {models.first_line(e)}; set lora.target_modules to module names "
+            raise UserError(f"lora.target_modules: {first_line(e)}; set lora.target_modules to module names "
                             "of this model (or 'all-linear')") from e
         raise
     train_output = trainer.train(resume_from_checkpoint=checkpoint)

@@ -21,7 +21,7 @@ from pathlib import Path
 from finetune import data as D
 from finetune import models, training
 from finetune.adapters import apply_lora, is_adapter_dir
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.recipe import MlmSpec, ModelSpec, Recipe
 
 # BERT sizes for `finetune pretrain --task mlm` (the BERT miniatures of Turc et al., 2019, and BERT-base).
@@ -137,7 +137,7 @@ def bert_config(spec: ModelSpec, tokenizer, max_length: int | None):
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise UserError(f"model.config: could not read a model config from '{name}': {models.first_line(e)}") from e
+            raise UserError(f"model.config: could not read a model config from '{name}': {first_line(e)}") from e
     else:
         from finetune.errors import did_you_mean
 
