@@ -70,7 +70,7 @@ def build_model(root: Path, corpus: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.models import train_bpe_tokenizer
+    from finetune.models.pretrained import train_bpe_tokenizer
 
     with corpus.open() as f:
         texts = [json.loads(line)["text"] for line in itertools.islice(f, 5000)]
@@ -93,8 +93,8 @@ def child(spec: dict) -> None:
     the tokens and seconds of the steps after it."""
     from transformers import TrainerCallback
 
-    from finetune.recipe import load_recipe
-    from finetune.run import execute
+    from finetune.recipe.schema import load_recipe
+    from finetune.run.lifecycle import execute
 
     result: dict = {}
 
@@ -151,13 +151,13 @@ def run_contender(name: str, code: Path, model: Path, corpus: Path, work: Path, 
 
 def pipeline_throughput(model: Path, corpus: Path, blocks: int = 3000) -> float:
     """Tokens per second out of the packed stream (read, tokenize, pack), no model."""
-    from finetune import corpus as C
-    from finetune import models
-    from finetune.recipe import load_recipe
+    from finetune.data import corpus as C
+    from finetune.models import pretrained
+    from finetune.recipe.schema import load_recipe
 
     recipe = load_recipe(None, {"method": "full", "model.name": str(model), "data.train": str(corpus),
                                 "data.streaming": True, "train.max_steps": 1, "data.max_length": MAX_LENGTH})
-    tokenizer = models.load_tokenizer(recipe.model)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
     stream = C.prepare(recipe, tokenizer, MAX_LENGTH, True).train
     start, tokens = time.perf_counter(), 0
     for i, row in enumerate(stream):
@@ -174,7 +174,7 @@ def window_fill(model: Path, corpus: Path, docs: int = 50_000) -> tuple[float, f
 
     from transformers import AutoTokenizer
 
-    from finetune.data import PACK_WINDOW, pack_documents
+    from finetune.data.text import PACK_WINDOW, pack_documents
 
     tok = AutoTokenizer.from_pretrained(model)
     with corpus.open() as f:

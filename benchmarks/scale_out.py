@@ -123,9 +123,9 @@ def run_one(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
 
     from peak_memory import peak_memory_callback  # benchmarks/, next to this script
 
-    from finetune.extras import kernel_problems
-    from finetune.memory import estimate
-    from finetune.recipe import build_recipe
+    from finetune.training.extras import kernel_problems
+    from finetune.models.memory import estimate
+    from finetune.recipe.schema import build_recipe
     from finetune.tasks import clm
 
     spec = {"method": "lora", "model": {"name": str(model_dir), "tokenizer": str(model_dir / "tokenizer")},

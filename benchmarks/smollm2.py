@@ -52,7 +52,7 @@ def gguf_path() -> Path:
 
 
 def plain_folder() -> str:
-    from finetune.gguf import plain_model
+    from finetune.models.gguf import plain_model
 
     return plain_model(str(gguf_path()), None)
 
@@ -68,7 +68,7 @@ def env() -> dict:
 def answer(model_dir: str, prompts: Path, out: Path, batch: int = 16, max_new_tokens: int = 4) -> tuple[float, float]:
     """(score, seconds): the held-out prompts answered by a model or a run (a LoRA run merged in memory),
     with the chat template and greedy decoding."""
-    from finetune.inference import generate_file
+    from finetune.use.inference import generate_file
 
     start = time.perf_counter()
     generate_file(model_dir, prompts, out, batch, max_new_tokens, 0.0, 1.0, 0)
@@ -161,7 +161,7 @@ def generate(args) -> None:
     sources = {"base": plain_folder()}
     if args.run:
         sources["run"] = args.run
-    from finetune.inference import generate_file
+    from finetune.use.inference import generate_file
 
     for name, source in sources.items():
         stats = generate_file(source, prompts, root / f"{name}.jsonl", args.batch, args.new_tokens, 0.0, 1.0, 0)

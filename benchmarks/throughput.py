@@ -70,7 +70,7 @@ def build_models(root: Path, corpus: Path) -> dict[str, Path]:
     from datasets import load_dataset
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from finetune.models import train_bpe_tokenizer
+    from finetune.models.pretrained import train_bpe_tokenizer
 
     texts = load_dataset("json", data_files=str(corpus), split="train")["text"]
     tok = train_bpe_tokenizer(texts, 2000)
@@ -219,7 +219,7 @@ def run_trl(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: int, p
 def run_finetune(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: int, method: str = "full",
                  overrides: dict | None = None):
     """`finetune full|lora --model DIR --data corpus.jsonl` through the code the command runs."""
-    from finetune.recipe import build_recipe
+    from finetune.recipe.schema import build_recipe
     from finetune.tasks import clm
 
     data = {"task": "clm", "method": method, "model": {"name": str(model_dir)},
@@ -314,7 +314,7 @@ def main() -> None:
             flops[k] = flops_per_token(model)
             print(f"round {r + 1} {k}: {results[k][-1]:,.0f} useful tokens/s", flush=True)
 
-    from finetune.data import length_stats
+    from finetune.data.text import length_stats
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(models["gpt2"])

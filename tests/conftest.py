@@ -49,7 +49,7 @@ def new_tiny_gpt(n_embd: int = 32):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.models import train_bpe_tokenizer
+    from finetune.models.pretrained import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(toy_sentences(500, seed=1), vocab_size=300)
     config = GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=2, n_head=2, n_positions=128,
@@ -146,7 +146,7 @@ def invoke(*args: str):
     """Run the CLI in this process (fast); returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from finetune.cli import app
+    from finetune.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr

@@ -117,7 +117,7 @@ def good_rate(model_dir: str) -> float:
 
 def mean_reward(model_dir: str, reward_source: str) -> float:
     """Mean reward of sampled completions, scored by a reward source (finetune.rewards.load_reward)."""
-    from finetune.rewards import load_reward
+    from finetune.rl.rewards import load_reward
 
     scores = load_reward(reward_source)(*samples(model_dir))
     return sum(scores) / len(scores)
@@ -126,7 +126,7 @@ def mean_reward(model_dir: str, reward_source: str) -> float:
 def load_causal_lm(model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import is_adapter_dir
+    from finetune.models.adapters import is_adapter_dir
 
     if is_adapter_dir(model_dir):
         from peft import AutoPeftModelForCausalLM

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke
-from finetune.adapters import apply_lora, target_modules, variant_problems
-from finetune.recipe import LoraSpec, build_recipe
+from finetune.models.adapters import apply_lora, target_modules, variant_problems
+from finetune.recipe.schema import LoraSpec, build_recipe
 
 PROBE = ["the red cat sat on the mat.", "the blue dog sat on the"]
 

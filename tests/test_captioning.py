@@ -73,7 +73,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel
 
-    from finetune.models import train_bpe_tokenizer
+    from finetune.models.pretrained import train_bpe_tokenizer
 
     torch.manual_seed(0)
     vit = tmp_path_factory.mktemp("tiny-vit-encoder")
@@ -123,8 +123,8 @@ def test_lora_trains_adapters_and_cross_attention_only_and_reloads_identically(t
     import torch
     from transformers import TrainerCallback
 
-    from finetune import images
-    from finetune.recipe import build_recipe
+    from finetune.data import images
+    from finetune.recipe.schema import build_recipe
     from finetune.tasks import captioning
 
     class Capture(TrainerCallback):

@@ -3,8 +3,8 @@ ModelCard.load, the metrics table, the recipe, the curves picture and the distri
 
 from __future__ import annotations
 
-from finetune.card import is_hub_id, write_card
-from finetune.recipe import build_recipe
+from finetune.hub.card import is_hub_id, write_card
+from finetune.recipe.schema import build_recipe
 
 METRICS = {"train_loss": 1.234567, "eval_loss": 0.9, "steps": 10, "tokens_per_s": None}
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from finetune import chat
+from finetune.data import chat
 from finetune.errors import UserError
-from finetune.recipe import DataSpec
+from finetune.recipe.schema import DataSpec
 
 
 @pytest.fixture(scope="module")

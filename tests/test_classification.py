@@ -108,7 +108,7 @@ def lora_run(tmp_path_factory, tiny_bert, sentiment, metric_script):
     import torch
     from transformers import TrainerCallback
 
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
     from finetune.tasks import classification
 
     texts = [r["text"] for r in reviews(80, seed=1)]
@@ -426,7 +426,7 @@ def test_label_names_ids_and_order(tmp_path):
     and NaN / None count as missing."""
     import datasets
 
-    from finetune.recipe import ClassificationSpec
+    from finetune.recipe.schema import ClassificationSpec
     from finetune.tasks.classification import label_id, label_names
 
     ints = datasets.Dataset.from_dict({"label": [10, 2, 2, 1]})
@@ -450,7 +450,7 @@ def test_label_names_ids_and_order(tmp_path):
 
 
 def test_classification_metrics_by_hand():
-    from finetune.metrics import classification_metrics
+    from finetune.tasks.metrics import classification_metrics
 
     m = classification_metrics([0, 1, 1, 2, 2], [0, 1, 0, 2, 1], ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(3 / 5)

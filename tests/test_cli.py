@@ -17,7 +17,7 @@ def errors(stderr: str) -> list[str]:
 
 def test_help_imports_no_torch_or_transformers():
     code = ("import sys; sys.argv = ['finetune', '--help']\n"
-            "from finetune.cli import main\n"
+            "from finetune.cli.app import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets', 'trl') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
@@ -135,7 +135,7 @@ def test_debug_shows_the_traceback(toy_text):
     with pytest.raises(Exception) as e:
         from typer.testing import CliRunner
 
-        from finetune.cli import app
+        from finetune.cli.app import app
 
         result = CliRunner().invoke(app, ["lora", "--model", "./no/such", "--data", toy_text, "--debug"],
                                     catch_exceptions=False)
@@ -237,7 +237,7 @@ def test_peft_note_on_saving_grown_embeddings_is_not_shown():
     """A LoRA run whose chat template added tokens: peft's note at each save says nothing to act on."""
     import warnings
 
-    from finetune.cli_common import guarded
+    from finetune.cli.common import guarded
 
     def save():
         warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import invoke, toy_sentences, write_jsonl
 
-from finetune.recipe import build_recipe
+from finetune.recipe.schema import build_recipe
 from finetune.tasks import clm
 
 
@@ -89,7 +89,7 @@ def test_generation_folds_the_adapter_into_its_base_with_the_same_logits(lora_ru
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoTokenizer
 
-    from finetune.inference import load_for_generation
+    from finetune.use.inference import load_for_generation
 
     out, _ = lora_run
     model, tok, _ = load_for_generation(str(out))
@@ -179,7 +179,7 @@ def test_packing_keeps_documents_apart(tiny_gpt):
     """A packed row gives each document the same logits as running it alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import data as D
+    from finetune.data import text as D
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()
@@ -204,7 +204,7 @@ def test_packing_keeps_documents_apart(tiny_gpt):
 
 
 def test_pack_documents_is_a_valid_packing():
-    from finetune.data import pack_documents
+    from finetune.data.text import pack_documents
 
     lengths = [5, 9, 3, 7, 10, 1, 2, 8, 6, 4] * 20
     bins = pack_documents(lengths, capacity=16)
@@ -215,7 +215,7 @@ def test_pack_documents_is_a_valid_packing():
 
 
 def test_collator_keeps_eos_in_labels_when_pad_equals_eos():
-    from finetune.data import CausalCollator
+    from finetune.data.text import CausalCollator
 
     batch = CausalCollator(pad_token_id=0)([{"input_ids": [5, 6, 0]}, {"input_ids": [7]}])
     assert batch["labels"].tolist() == [[5, 6, 0], [7, -100, -100]]
@@ -224,7 +224,7 @@ def test_collator_keeps_eos_in_labels_when_pad_equals_eos():
 
 
 def test_collator_keeps_labels_given_per_example():
-    from finetune.data import CausalCollator
+    from finetune.data.text import CausalCollator
 
     batch = CausalCollator(pad_token_id=9)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8]}])
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -234,7 +234,7 @@ def test_right_padded_batch_without_mask_gives_the_same_logits_and_loss(tiny_gpt
     """Dropping the attention mask of a right-padded causal batch changes nothing a real token sees."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.data import CausalCollator
+    from finetune.data.text import CausalCollator
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()
@@ -264,8 +264,8 @@ def test_an_instruct_model_answers_through_its_chat_template(tiny_gpt, lora_run,
 
     from transformers import AutoTokenizer
 
-    from finetune.chat import set_template
-    from finetune.inference import load_for_generation
+    from finetune.data.chat import set_template
+    from finetune.use.inference import load_for_generation
 
     instruct = tmp_path / "instruct"
     shutil.copytree(tiny_gpt, instruct)

@@ -103,7 +103,7 @@ def test_batch_generate_writes_one_line_per_row(chat_run, tmp_path):
 def test_chat_command_streams_keeps_history_and_resets(chat_run):
     from typer.testing import CliRunner
 
-    from finetune.cli import app
+    from finetune.cli.app import app
 
     out, _ = chat_run
     turns = "red cat dog mat box tree\n/system be brief.\nblue fish bed roof\n/reset\n/quit\n"
@@ -130,9 +130,9 @@ def test_packed_blocks_keep_the_masks(tiny_gpt):
     import datasets
     from transformers import AutoTokenizer
 
-    from finetune import chat
-    from finetune import data as D
-    from finetune.recipe import DataSpec
+    from finetune.data import chat
+    from finetune.data import text as D
+    from finetune.recipe.schema import DataSpec
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     chat.set_template(tok, "chatml")
@@ -153,7 +153,7 @@ def test_training_tokenizes_text_as_generation_does_with_bos(tiny_gpt):
     from test_chat import with_bos
     from transformers import AutoTokenizer
 
-    from finetune import data as D
+    from finetune.data import text as D
 
     tok = with_bos(AutoTokenizer.from_pretrained(tiny_gpt))
     text = "the red cat sat on the mat."
@@ -215,7 +215,7 @@ def test_chain_sft_on_conversations_then_dpo_on_conversational_pairs(tiny_gpt_lm
     """The SFT stage's template travels with its merged model: the DPO stage renders its pairs with it."""
     import yaml
 
-    from finetune.chat import TEMPLATES
+    from finetune.data.chat import TEMPLATES
 
     rng = random.Random(0)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [

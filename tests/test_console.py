@@ -27,7 +27,7 @@ def test_non_interactive_output_is_one_line_per_logging_step(tiny_gpt, tmp_path)
 def test_interactive_bar_carries_the_figures():
     import torch  # noqa: F401 (transformers needs it for the callback module)
 
-    from finetune.console import ConsoleCallback
+    from finetune.training.console import ConsoleCallback
 
     cb = ConsoleCallback(interactive=True)
     state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10, num_input_tokens_seen=0)

@@ -1,4 +1,4 @@
-"""Data at scale (corpus.py, sources.py, datacache.py): mixtures, streaming, the prepared-data cache."""
+"""Data at scale (corpus.py, sources.py, cache.py): mixtures, streaming, the prepared-data cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import invoke, toy_sentences, write_jsonl
 
 
 def recipe_for(model: str, data, out=None, **sets):
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
 
     overrides = {"method": "full", "model.name": model, "data.train": data, "train.max_steps": 8,
                  "train.batch_size": 4, "train.save_steps": 4, "train.logging_steps": 4}
@@ -22,9 +22,10 @@ def recipe_for(model: str, data, out=None, **sets):
 
 
 def prepare(recipe):
-    from finetune import corpus, models
+    from finetune.data import corpus
+    from finetune.models import pretrained
 
-    tokenizer = models.load_tokenizer(recipe.model)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
     return corpus.prepare(recipe, tokenizer, 64, bool(recipe.data.packing)), tokenizer
 
 
@@ -143,7 +144,7 @@ def rows_read_in_training(monkeypatch):
     while it is checked; the callback that starts the list afresh when training begins)."""
     from transformers import TrainerCallback
 
-    from finetune import sources
+    from finetune.data import sources
 
     read, load_stream = [], sources.load_stream
 
@@ -164,9 +165,9 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
     from its saved state: it re-reads only the rows of its current chunk, not those before it."""
     from test_run import assert_same_weights, at_step, sigterm
 
-    from finetune import data as D
+    from finetune.data import text as D
     from finetune.errors import Stopped
-    from finetune.run import execute, resolve
+    from finetune.run.lifecycle import execute, resolve
 
     monkeypatch.setattr(D, "MAP_BATCH", 10)  # small batches, windows and chunks: 8 steps span several
     monkeypatch.setattr(D, "PACK_WINDOW", 10)
@@ -200,7 +201,7 @@ def test_a_stream_that_runs_out_starts_again_and_resumes_in_its_repetition(tiny_
     from test_run import assert_same_weights, at_step, sigterm
 
     from finetune.errors import Stopped
-    from finetune.run import execute, resolve
+    from finetune.run.lifecycle import execute, resolve
 
     path = numbered(tmp_path / "a.jsonl", "red", 40)
     sets = {"data.streaming": True, "data.shuffle_buffer": 10, "data.max_eval_samples": 4}
@@ -224,7 +225,7 @@ def test_a_stream_that_runs_out_starts_again_and_resumes_in_its_repetition(tiny_
 def test_second_run_reads_the_cache_and_a_new_tokenizer_or_template_misses(tiny_gpt, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from finetune import corpus
+    from finetune.data import corpus
 
     chats = write_jsonl(tmp_path / "chats.jsonl", [
         {"messages": [{"role": "user", "content": f"the {i} cat"}, {"role": "assistant", "content": "sat"}]}
@@ -268,7 +269,7 @@ def test_a_build_leaves_only_its_entry_on_disk(tiny_gpt, tmp_path, monkeypatch):
     import datasets
     import pyarrow as pa
 
-    from finetune import datacache
+    from finetune.data import cache
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # this test's files only
     data = numbered(tmp_path / "leftovers.jsonl", "doc", 3000)
@@ -282,7 +283,7 @@ def test_a_build_leaves_only_its_entry_on_disk(tiny_gpt, tmp_path, monkeypatch):
     entry = token_files(prepared.cache)
     assert root in prepared.cache.parents and list(root.rglob("*.arrow")) != entry
     assert entry and [f for f in token_files(root) if prepared.cache not in f.parents] == []
-    assert list(datacache.cache_root().glob(".build-*")) == []
+    assert list(cache.cache_root().glob(".build-*")) == []
     assert sorted(prepared.train[0]) == ["input_ids", "labels", "position_ids"]  # the entry is what is read
 
 
@@ -354,10 +355,11 @@ def test_validate_lists_every_source_with_its_share(tiny_gpt, tmp_path):
     assert "data.train: a mixture of 2 sources" in lines
     shares = [line for line in lines if line.startswith(("data.train.0: 300 rows", "data.train.1: 100 rows"))]
     # the token shares follow from the weights and each source's tokens per row
-    from finetune import chat, models
-    from finetune.recipe import ModelSpec
+    from finetune.data import chat
+    from finetune.models import pretrained
+    from finetune.recipe.schema import ModelSpec
 
-    tokenizer = models.load_tokenizer(ModelSpec(name=tiny_gpt))
+    tokenizer = pretrained.load_tokenizer(ModelSpec(name=tiny_gpt))
     chat.set_template(tokenizer, "chatml")
     text_tokens = sum(len(tokenizer(json.loads(r)["text"])["input_ids"]) + 1 for r in open(a)) / 300
     chat_tokens = sum(len(tokenizer.apply_chat_template(json.loads(r)["messages"], tokenize=True)["input_ids"])

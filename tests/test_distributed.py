@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import finish, invoke, start
-from finetune.launch import free_port
-from finetune.presets import preset_names, preset_path
+from finetune.launch.relaunch import free_port
+from finetune.launch.presets import preset_names, preset_path
 
 
 def accelerate_launch_env(config_file: str, *flags: str) -> tuple[object, dict[str, str]]:
@@ -144,7 +144,7 @@ def saved_adapter_fingerprint(run_dir: Path) -> str:
     """The fingerprint of the adapter on disk, computed the way each rank computed its own."""
     from peft import AutoPeftModelForCausalLM
 
-    from finetune.replicas import weights_fingerprint
+    from finetune.launch.replicas import weights_fingerprint
 
     model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir), is_trainable=True)
     return weights_fingerprint([p for p in model.parameters() if p.requires_grad])

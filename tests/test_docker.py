@@ -128,7 +128,7 @@ def test_the_image_install_step_builds_the_package_with_presets_and_recipes(tmp_
     [wheel] = (tmp_path / "dist").glob("finetune_toolkit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for preset in ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
-        assert f"finetune/presets/{preset}.yaml" in names
+        assert f"finetune/launch/presets/{preset}.yaml" in names
     assert any(n.startswith("finetune/recipes/") and n.endswith(".yaml") for n in names)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import invoke, write_jsonl, toy_sentences
-from finetune import extras
-from finetune.extras import kernel_problems
-from finetune.recipe import build_recipe
+from finetune.training import extras
+from finetune.training.extras import kernel_problems
+from finetune.recipe.schema import build_recipe
 
 
 def errors(stderr: str) -> list[str]:
@@ -71,7 +71,7 @@ def test_kernel_and_attention_refusals():
 
 
 def test_kernel_keys_reach_the_training_arguments(tmp_path):
-    from finetune.training import training_arguments
+    from finetune.training.session import training_arguments
 
     r = recipe(model={"attn_implementation": "eager"},
                train={"neftune_noise_alpha": 5.0, "torch_compile": False, "report_to": "none"})
@@ -82,7 +82,7 @@ def test_kernel_keys_reach_the_training_arguments(tmp_path):
 def test_attention_implementation_is_used_when_loading(tiny_gpt):
     from transformers import AutoModelForCausalLM
 
-    from finetune.models import load_model
+    from finetune.models.pretrained import load_model
 
     model = load_model(recipe(model={"name": tiny_gpt, "attn_implementation": "eager"}).model, AutoModelForCausalLM)
     assert model.config._attn_implementation == "eager"

@@ -24,7 +24,7 @@ GiB = 2**30
 
 
 def test_cgroup_v2_limit_is_the_tightest_along_the_path(tmp_path):
-    from finetune.headroom import cgroup_headroom
+    from finetune.launch.headroom import cgroup_headroom
 
     root = tmp_path / "cgroup"
     job = root / "slurm" / "job_7"
@@ -43,7 +43,7 @@ def test_cgroup_v2_limit_is_the_tightest_along_the_path(tmp_path):
 
 
 def test_cgroup_v1_limit_of_a_container(tmp_path):
-    from finetune.headroom import cgroup_headroom
+    from finetune.launch.headroom import cgroup_headroom
 
     root = tmp_path / "cgroup"
     (root / "memory").mkdir(parents=True)
@@ -61,7 +61,7 @@ def test_cgroup_v1_limit_of_a_container(tmp_path):
 
 
 def llama_recipe(model, data, out, **train):
-    from finetune.recipe import build_recipe
+    from finetune.recipe.schema import build_recipe
 
     return build_recipe({"method": "lora", "model": {"name": model}, "data": {"train": data, "max_length": 128},
                          "train": {"output_dir": str(out), "batch_size": 8, "grad_accum": 1, **train}})
@@ -70,19 +70,19 @@ def llama_recipe(model, data, out, **train):
 @pytest.fixture(autouse=True)
 def allocator_left_alone(monkeypatch):
     """A tight fit would fix glibc's mmap threshold for the rest of the test session: record it instead."""
-    from finetune import headroom
+    from finetune.launch import headroom
 
     monkeypatch.setattr(headroom, "keep_large_blocks_apart", lambda: False)
 
 
 def with_free_memory(monkeypatch, free: float) -> None:
-    from finetune import headroom
+    from finetune.launch import headroom
 
     monkeypatch.setattr(headroom, "headroom", lambda cap=None: headroom.Headroom(free, "available RAM"))
 
 
 def test_fit_keeps_a_recipe_that_fits(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.fit import fit_to_memory
+    from finetune.training.fit import fit_to_memory
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     with_free_memory(monkeypatch, 64 * GiB)
@@ -91,8 +91,8 @@ def test_fit_keeps_a_recipe_that_fits(tiny_llama, toy_text, tmp_path, monkeypatc
 
 
 def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.fit import fit_to_memory
-    from finetune.memory import estimate, fmt
+    from finetune.training.fit import fit_to_memory
+    from finetune.models.memory import estimate, fmt
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     full = estimate(recipe).tensors
@@ -111,8 +111,9 @@ def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text
 def test_a_tight_fit_returns_freed_blocks_to_the_system(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
     """Room for the tensors but not for glibc's slack: freed blocks go back at once (slower steps); with room
     to spare the allocator is left alone (fast)."""
-    from finetune import fit, headroom
-    from finetune.memory import estimate
+    from finetune.training import fit
+    from finetune.launch import headroom
+    from finetune.models.memory import estimate
 
     turned_on = []
     monkeypatch.setattr(headroom, "keep_large_blocks_apart", lambda: turned_on.append(1) or True)
@@ -128,8 +129,8 @@ def test_a_tight_fit_returns_freed_blocks_to_the_system(tiny_llama, toy_text, tm
 
 
 def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llama, toy_text, tmp_path, monkeypatch):
-    from finetune.fit import fit_to_memory
-    from finetune.memory import estimate
+    from finetune.training.fit import fit_to_memory
+    from finetune.models.memory import estimate
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     one = recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 1})})
@@ -142,8 +143,8 @@ def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llam
 
 def test_nothing_fits_is_one_line_with_the_numbers(tiny_llama, toy_text, tmp_path, monkeypatch):
     from finetune.errors import UserError
-    from finetune.fit import fit_to_memory
-    from finetune.memory import estimate, fmt
+    from finetune.training.fit import fit_to_memory
+    from finetune.models.memory import estimate, fmt
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     smallest = recipe.model_copy(update={"train": recipe.train.model_copy(update={
@@ -162,9 +163,9 @@ def test_a_run_with_little_memory_trains_with_a_smaller_batch(tiny_llama, tmp_pa
     """The command under a memory cap (train.max_memory_gib; the process itself counted as empty here, so that
     the cap is what the run's tensors may take): the batch shrinks, the effective batch stays, the run
     finishes and recipe.yaml holds what it trained with; a cap nothing fits ends before anything is created."""
-    from finetune import headroom
-    from finetune.memory import estimate
-    from finetune.recipe import build_recipe
+    from finetune.launch import headroom
+    from finetune.models.memory import estimate
+    from finetune.recipe.schema import build_recipe
 
     monkeypatch.setattr(headroom, "resident_bytes", lambda: 0.0)
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(200, seed=0))
@@ -200,8 +201,8 @@ def test_a_run_with_little_memory_trains_with_a_smaller_batch(tiny_llama, tmp_pa
 def test_short_conversations_pack_into_short_rows_and_train_for_enough_steps(tiny_gpt, tmp_path):
     """300 short conversations: rows of the longest example's power of two (not 1,024 tokens), and since
     train.epochs is unset, as many passes (up to 3) as reach about 100 optimizer steps."""
-    from finetune.data import MIN_BLOCK
-    from finetune.training import MIN_STEPS
+    from finetune.data.text import MIN_BLOCK
+    from finetune.training.session import MIN_STEPS
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(300, seed=0))
     out = tmp_path / "run"
@@ -243,7 +244,7 @@ def test_validate_of_a_stream_names_its_rows_and_no_epochs(tiny_gpt, tmp_path):
 def test_fitted_block_is_the_longest_example_rounded_up():
     from datasets import Dataset
 
-    from finetune.data import fitted_block
+    from finetune.data.text import fitted_block
 
     ds = Dataset.from_dict({"input_ids": [[1] * 70, [1] * 83, [1] * 20]})
     assert fitted_block([ds, None], 1024) == 128
@@ -272,7 +273,7 @@ def test_a_killed_run_is_recognised_by_the_next_command(tiny_gpt, toy_text, tmp_
     marker = json.loads((out / "run.json").read_text())
     assert marker["status"] == "running" and marker["pid"] == proc.pid
 
-    from finetune.rundir import status
+    from finetune.training.rundir import status
 
     assert status(out) == "killed"
     code, _, stderr = invoke("full", "--model", tiny_gpt, "--data", toy_text, "-o", str(out), "--max-steps", "3")
@@ -288,7 +289,7 @@ def test_a_killed_run_is_recognised_by_the_next_command(tiny_gpt, toy_text, tmp_
 
 
 def test_a_live_run_is_not_called_killed(tmp_path):
-    from finetune.rundir import status, this_process, write_marker
+    from finetune.training.rundir import status, this_process, write_marker
 
     tmp_path.mkdir(exist_ok=True)
     write_marker(tmp_path, status="running", **this_process())
@@ -307,8 +308,8 @@ def test_a_live_run_is_not_called_killed(tmp_path):
 
 
 def test_bf16_is_the_default_where_the_device_runs_it_natively(tiny_gpt, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune import precision
-    from finetune.recipe import build_recipe
+    from finetune.training import precision
+    from finetune.recipe.schema import build_recipe
 
     recipe = build_recipe({"model": {"name": tiny_gpt}, "data": {"train": toy_text}})
     assert recipe.train.bf16 is None

@@ -84,7 +84,7 @@ def test_converted_folder_loads_as_transformers_reads_the_gguf(tiny_gguf, cache,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.gguf import plain_model
+    from finetune.models.gguf import plain_model
 
     folder = plain_model(tiny_gguf, None)
     assert Path(folder).parent == cache and Path(folder).name.startswith("tiny-llama.F32-")
@@ -115,7 +115,7 @@ def test_second_call_reuses_the_folder_and_a_changed_file_converts_again(tiny_gg
                                                                           tmp_path):
     import shutil
 
-    from finetune import gguf as finetune_gguf
+    from finetune.models import gguf as finetune_gguf
 
     folder = finetune_gguf.plain_model(tiny_gguf, None)
     capsys.readouterr()
@@ -139,7 +139,7 @@ def test_second_call_reuses_the_folder_and_a_changed_file_converts_again(tiny_gg
 
 def test_what_transformers_cannot_read_is_one_line(tmp_path, cache, monkeypatch):
     from finetune.errors import UserError
-    from finetune.gguf import plain_model, supported_architectures
+    from finetune.models.gguf import plain_model, supported_architectures
 
     rwkv = write_gguf(tmp_path / "rwkv.gguf", arch="rwkv6")
     with pytest.raises(UserError) as e:
@@ -190,9 +190,9 @@ def test_gguf_file_in_a_hub_repo_is_the_recipe_field(tiny_gguf, cache, monkeypat
 
     import huggingface_hub
 
-    from finetune import models
+    from finetune.models import pretrained
     from finetune.errors import UserError
-    from finetune.recipe import ModelSpec
+    from finetune.recipe.schema import ModelSpec
 
     snapshot = tmp_path / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
@@ -207,14 +207,14 @@ def test_gguf_file_in_a_hub_repo_is_the_recipe_field(tiny_gguf, cache, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     spec = ModelSpec(name="someone/tiny-GGUF", gguf_file="tiny.Q8_0.gguf")
-    config = models.load_config(spec)
+    config = pretrained.load_config(spec)
     assert config.model_type == "llama" and config.num_hidden_layers == 2
     assert asked == [("someone/tiny-GGUF", "tiny.Q8_0.gguf", None, True)]  # offline: the Hub cache only
-    folder = models.model_source(spec)
+    folder = pretrained.model_source(spec)
     assert Path(folder).parent == cache and Path(folder).name.startswith("tiny.Q8_0-")
-    assert models.tokenizer_source(spec) == folder
-    assert models.model_source(ModelSpec(name="someone/tiny-GGUF", gguf_file="tiny.Q8_0.gguf",
+    assert pretrained.tokenizer_source(spec) == folder
+    assert pretrained.model_source(ModelSpec(name="someone/tiny-GGUF", gguf_file="tiny.Q8_0.gguf",
                                          revision="v2")) != folder  # another revision: another entry
     with pytest.raises(UserError, match=r"^model.gguf_file: could not get 'other.gguf' from the Hub repo "
                                         r"'someone/tiny-GGUF': .* with no cached copy$"):
-        models.model_source(ModelSpec(name="someone/tiny-GGUF", gguf_file="other.gguf"))
+        pretrained.model_source(ModelSpec(name="someone/tiny-GGUF", gguf_file="other.gguf"))

@@ -38,7 +38,7 @@ def reachable(**env: str) -> str:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
                           "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")}
-    code = "from finetune.hub import hub_reachable, hub_status; print(hub_reachable(), '|', hub_status())"
+    code = "from finetune.launch.offline import hub_reachable, hub_status; print(hub_reachable(), '|', hub_status())"
     out = subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": REPO, **env}, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr

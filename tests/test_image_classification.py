@@ -113,8 +113,8 @@ def test_lora_trains_adapters_and_head_only_and_reloads_identically(tiny_vit, sh
     import torch
     from transformers import TrainerCallback
 
-    from finetune import images
-    from finetune.recipe import build_recipe
+    from finetune.data import images
+    from finetune.recipe.schema import build_recipe
     from finetune.tasks import image_classification
 
     class Capture(TrainerCallback):

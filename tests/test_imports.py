@@ -86,8 +86,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_function_local_imports():
     graph = import_graph()
-    assert "finetune.environment" in graph["finetune.cli_tools"]  # imported inside `finetune env`'s body only
-    assert "finetune.tasks" in graph["finetune.recipe"]
+    assert "finetune.launch.environment" in graph["finetune.cli.tools"]  # imported inside `finetune env`'s body only
+    assert "finetune.recipe.tasks" in graph["finetune.recipe.schema"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -21,7 +21,7 @@ FACTOR = 1.5
 
 def recipe_for(model, data, out, method="lora", bits=None, steps=3, batch=8, length=64, checkpointing=False,
                attn=None, **train):
-    from finetune.recipe import build_recipe
+    from finetune.recipe.schema import build_recipe
 
     return build_recipe({
         "method": method, "model": {"name": model, "attn_implementation": attn},
@@ -39,7 +39,7 @@ def recipe_for(model, data, out, method="lora", bits=None, steps=3, batch=8, len
     ("lora", 4, True, 16),
 ])
 def test_estimate_is_within_factor_of_measured_peak(method, bits, checkpointing, batch, tiny_gpt, toy_text, tmp_path):
-    from finetune.memory import estimate
+    from finetune.models.memory import estimate
     from finetune.tasks import clm
     from peak_memory import peak_memory_callback  # benchmarks/peak_memory.py (measuring is not the package's job)
 
@@ -52,7 +52,7 @@ def test_estimate_is_within_factor_of_measured_peak(method, bits, checkpointing,
 
 
 def test_estimate_scales_with_what_the_run_keeps(tiny_gpt, toy_text, tmp_path):
-    from finetune.memory import estimate
+    from finetune.models.memory import estimate
 
     def est(**kw):
         return estimate(recipe_for(tiny_gpt, toy_text, tmp_path, **kw))
@@ -97,7 +97,7 @@ def test_validate_ends_with_the_estimate(tiny_gpt, toy_text):
 def test_auto_batch_size_halves_and_keeps_the_effective_batch(tiny_gpt, toy_text, tmp_path):
     from transformers import TrainerCallback
 
-    from finetune.run import run_with_auto_batch
+    from finetune.run.lifecycle import run_with_auto_batch
     from finetune.tasks import clm
 
     tried = []
@@ -123,7 +123,7 @@ def test_auto_batch_size_halves_and_keeps_the_effective_batch(tiny_gpt, toy_text
 
 
 def test_out_of_memory_without_auto_batch_size_is_not_retried(tiny_gpt, toy_text, tmp_path):
-    from finetune.run import run_with_auto_batch
+    from finetune.run.lifecycle import run_with_auto_batch
 
     calls = []
 
@@ -144,7 +144,7 @@ def test_fp16_on_cpu_is_refused(tiny_gpt, toy_text, tmp_path):
 
 
 def test_bf16_on_a_cpu_without_bf16_is_refused(tiny_gpt, toy_text, tmp_path, monkeypatch):
-    from finetune import precision
+    from finetune.training import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", toy_text, "-o", tmp_path / "r", "--bf16")
@@ -159,7 +159,7 @@ def test_bf16_and_fp16_together_are_refused(tiny_gpt, toy_text, tmp_path):
 
 
 def test_bf16_lora_trains_on_a_cpu_with_bf16(tiny_gpt, toy_text, tmp_path):
-    from finetune.precision import cpu_bf16_supported
+    from finetune.training.precision import cpu_bf16_supported
 
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no bf16 support")
@@ -180,7 +180,7 @@ def test_estimate_counts_qlora_float32_residual_liger_and_eager_attention(tiny_g
     attention asked for in the recipe keeps its score matrices."""
     from transformers import Qwen2Config
 
-    from finetune.memory import estimate
+    from finetune.models.memory import estimate
 
     qwen = tmp_path / "qwen"
     Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -210,7 +210,7 @@ LLAMA_FACTOR = 1.15
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_estimate_of_a_packed_llama_is_close_to_its_measured_peak(method, tiny_llama, toy_text, tmp_path):
-    from finetune.memory import estimate
+    from finetune.models.memory import estimate
     from finetune.tasks import clm
     from peak_memory import peak_memory_callback
 

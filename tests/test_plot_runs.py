@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import invoke
-from finetune import plot
+from finetune.hub import plot
 from finetune.errors import UserError
 
 

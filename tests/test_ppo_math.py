@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from finetune.ppo_math import (gae, kl_k1, kl_k2, kl_k3, masked_whiten, policy_loss, positions, prompt_indices,
+from finetune.rl.ppo_math import (gae, kl_k1, kl_k2, kl_k3, masked_whiten, policy_loss, positions, prompt_indices,
                                response_mask, token_rewards, value_loss)
 
 

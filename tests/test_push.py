@@ -9,7 +9,7 @@ import pytest
 
 from conftest import invoke
 from finetune.errors import UserError
-from finetune.push import files_to_push, push_problems, push_run
+from finetune.hub.push import files_to_push, push_problems, push_run
 
 
 class FakeApi:
@@ -90,10 +90,10 @@ def test_offline_or_without_token_fails_before_training(tiny_gpt, toy_text, tmp_
                             "--set", "train.push_to_hub=me/tiny")
     assert code == 2 and "error: train.push_to_hub: the Hugging Face Hub is unreachable" in err
     assert not (tmp_path / "run").exists()
-    import finetune.hub
+    import finetune.launch.offline
     import huggingface_hub
 
-    monkeypatch.setattr(finetune.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(finetune.launch.offline, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert push_problems("push") == ["push: no Hugging Face token; set HF_TOKEN or run `hf auth login` (a token "
                                      "with write access)"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from finetune.errors import UserError
-from finetune.recipe import build_recipe, builtin_recipes, load_recipe, parse_override
-from finetune.tasks import REGISTRY as TASKS
+from finetune.recipe.schema import build_recipe, builtin_recipes, load_recipe, parse_override
+from finetune.recipe.tasks import REGISTRY as TASKS
 
 
 def problems_of(data, overrides=None, sets=None) -> list[str]:

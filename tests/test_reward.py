@@ -32,7 +32,7 @@ def errors(stderr: str) -> list[str]:
 
 
 def held_out_accuracy(run_dir, rows):
-    from finetune.rewards import load_reward
+    from finetune.rl.rewards import load_reward
 
     score = load_reward(str(run_dir))
     prompts = [r["prompt"] for r in rows]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.errors import UserError
-from finetune.rewards import load_reward, reward_input_ids, score_pairs
+from finetune.rl.rewards import load_reward, reward_input_ids, score_pairs
 from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -141,8 +141,10 @@ def test_unimportable_reward_function(tmp_path, monkeypatch):
 
 
 def test_ready_made_answer_reward():
-    fn = load_reward("finetune.rewards:matches_answer", "grpo.reward")
+    fn = load_reward("finetune.rl.rewards:matches_answer", "grpo.reward")
     assert fn(["q"] * 3, [" Moo. moo.", " woof.", " "], answer=[" moo.", " moo.", ""]) == [1.0, 0.0, 0.0]
+    before = load_reward("finetune.rewards:matches_answer", "grpo.reward")  # its name in recipes written earlier
+    assert before(["q"] * 2, [" Moo.", " woof."], answer=[" moo.", " moo."]) == [1.0, 0.0]
     chat = [[{"role": "assistant", "content": "Moo."}]]
     assert fn(["q"], chat, answer=["moo."]) == [1.0]
     with pytest.raises(UserError, match="needs an `answer` column in the data"):

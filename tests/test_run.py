@@ -30,7 +30,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 def recipe_for(model: str, data: str, out: Path, steps: int = 12, **sets):
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
 
     overrides = {"method": "full", "model.name": model, "data.train": data, "train.output_dir": str(out),
                  "train.max_steps": steps, "train.save_steps": 4, "train.logging_steps": 5, "train.batch_size": 4}
@@ -75,7 +75,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_gpt, toy_text, tmp_path_factory):
-    from finetune.run import execute
+    from finetune.run.lifecycle import execute
 
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     metrics = execute(recipe_for(tiny_gpt, toy_text, out))
@@ -86,7 +86,7 @@ def uninterrupted(tiny_gpt, toy_text, tmp_path_factory):
 def interrupted(tiny_gpt, toy_text, tmp_path_factory):
     """A run stopped by SIGTERM at step 10 (checkpoints 8 and 10 on disk)."""
     from finetune.errors import Stopped
-    from finetune.run import execute
+    from finetune.run.lifecycle import execute
 
     out = tmp_path_factory.mktemp("interrupted") / "run"
     with pytest.raises(Stopped) as stopped:
@@ -112,7 +112,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def test_resume_after_sigterm_is_bit_exact(interrupted, uninterrupted, tmp_path, capsys):
-    from finetune.run import execute, resolve
+    from finetune.run.lifecycle import execute, resolve
 
     out = copy_run(interrupted[0], tmp_path / "run")
     metrics = execute(resolve(None, None, {"train.output_dir": str(out)}, None, resume=True), resume=True)
@@ -129,7 +129,7 @@ def test_resume_after_sigterm_is_bit_exact(interrupted, uninterrupted, tmp_path,
 @pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors",
                                     "trainer_state.json", "manifest.json"])
 def test_damaged_newest_checkpoint_falls_back(interrupted, uninterrupted, tmp_path, capsys, damage):
-    from finetune.run import execute, resolve
+    from finetune.run.lifecycle import execute, resolve
 
     out = copy_run(interrupted[0], tmp_path / "run")
     newest = out / "checkpoints" / "checkpoint-10"
@@ -167,7 +167,7 @@ def test_resume_of_a_finished_run_with_more_steps_continues(uninterrupted, tmp_p
 
 def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(tiny_gpt, toy_text, tmp_path):
     from finetune.errors import Stopped
-    from finetune.run import execute
+    from finetune.run.lifecycle import execute
 
     out = tmp_path / "run"
     with pytest.raises(Stopped) as stopped:
@@ -190,7 +190,7 @@ def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(tin
 
 
 def test_nan_patience_skips_bad_steps(tiny_gpt, toy_text, tmp_path, capsys):
-    from finetune.run import execute
+    from finetune.run.lifecycle import execute
 
     def poison_grads(model):
         import torch

@@ -89,7 +89,7 @@ def test_merged_model_gives_the_adapters_logits_and_chats(trained, capsys):
         merged = AutoModelForCausalLM.from_pretrained(root / "merged").eval()(**ids).logits
         adapter = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()(**ids).logits
     assert (merged - adapter).abs().max() < 1e-3
-    from finetune.inference import chat_session
+    from finetune.use.inference import chat_session
 
     lines = iter(["Is the sentiment of this review positive or negative? Answer with one word.\n"
                   "Review: The acting was awful.", "/quit"])

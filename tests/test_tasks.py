@@ -12,8 +12,8 @@ import pytest
 from conftest import invoke
 
 from finetune.errors import UserError
-from finetune.recipe import Recipe, build_recipe
-from finetune.tasks import PROTOCOL, REGISTRY, Task, TaskInfo, load_task, stage_commands
+from finetune.recipe.schema import Recipe, build_recipe
+from finetune.recipe.tasks import PROTOCOL, REGISTRY, Task, TaskInfo, load_task, stage_commands
 
 BASE = {"model": {"name": "gpt2"}, "data": {"train": "train.jsonl"}}
 
@@ -48,7 +48,7 @@ def test_a_section_of_another_task_is_an_error_naming_its_task():
 
 
 def test_a_task_section_reads_as_its_defaults_when_unset():
-    from finetune.recipe import DpoSpec, PpoSpec
+    from finetune.recipe.schema import DpoSpec, PpoSpec
 
     recipe = build_recipe({**BASE, "task": "ppo", "ppo": {"kl_coef": 0.2}})
     assert recipe.section(PpoSpec).kl_coef == 0.2

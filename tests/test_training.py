@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune import training
-from finetune.recipe import build_recipe
+from finetune.training import session
+from finetune.recipe.schema import build_recipe
 
 
 def arguments(tmp_path, task: str, **sets):
@@ -14,7 +14,7 @@ def arguments(tmp_path, task: str, **sets):
     if task == "classification":
         data["classification"] = {}
     recipe = build_recipe(data, sets=[f"{k}={v}" for k, v in sets.items()])
-    return training.training_arguments(recipe, tmp_path)
+    return session.training_arguments(recipe, tmp_path)
 
 
 @pytest.mark.parametrize("task", ["mlm", "translation"])
@@ -46,6 +46,6 @@ def test_longest_first_keeps_every_row_and_ties_in_order():
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2], [4, 5, 6], [7]], "labels": [0, 1, 2, 3, 4]})
-    out = training.longest_first(ds)
+    out = session.longest_first(ds)
     assert out["labels"] == [1, 3, 2, 0, 4]
     assert sorted(map(tuple, out["input_ids"])) == sorted(map(tuple, ds["input_ids"]))

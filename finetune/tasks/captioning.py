@@ -26,12 +26,14 @@ import random
 import warnings
 from pathlib import Path
 
-from finetune import data as D
-from finetune import images, models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.data import images
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, first_line
-from finetune.metrics import generation_metrics
-from finetune.recipe import CaptioningSpec, Recipe
+from finetune.tasks.metrics import generation_metrics
+from finetune.recipe.schema import CaptioningSpec, Recipe
 
 CAPTION_TOKENS = 64  # data.max_length when unset
 NEW_MODULES = ("crossattention", "ln_cross_attn", "enc_to_dec_proj")  # created when two checkpoints are joined
@@ -71,17 +73,17 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             model = apply_lora(model, recipe.lora, None, modules_to_save=new_modules(model))
 
     # 5. Train; evaluation generates captions and scores them.
-    run_dir = training.start_run(recipe)
+    run_dir = session.start_run(recipe)
     # The image and caption columns must reach the transform; there are no input tokens to count.
-    args = training.training_arguments(recipe, run_dir, args_cls=Seq2SeqTrainingArguments, predict_with_generate=True,
+    args = session.training_arguments(recipe, run_dir, args_cls=Seq2SeqTrainingArguments, predict_with_generate=True,
                                        generation_max_length=caption_tokens, generation_num_beams=spec.num_beams,
                                        remove_unused_columns=False, include_num_input_tokens_seen="no")
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=CaptionCollator(), processing_class=tokenizer,
                              compute_metrics=score_captions(tokenizer),
-                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                             callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
@@ -89,11 +91,11 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         tokenizer.save_pretrained(str(run_dir))
         processor.save_pretrained(str(run_dir))
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
     for key in ("tokens_seen", "tokens_per_s"):  # images, not tokens, go in
         metrics.pop(key, None)
     metrics["samples_per_s"] = train_output.metrics.get("train_samples_per_second")
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -194,7 +196,7 @@ def load_caption_tokenizer(recipe: Recipe, spec: CaptioningSpec):
     model_spec = recipe.model
     if not model_spec.tokenizer and spec.decoder:
         model_spec = model_spec.model_copy(update={"tokenizer": spec.decoder})
-    tokenizer = models.load_tokenizer(model_spec)
+    tokenizer = pretrained.load_tokenizer(model_spec)
     if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:  # BERT-style decoders
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.bos_token_id is None and tokenizer.cls_token_id is not None:
@@ -212,12 +214,12 @@ def build_model(recipe: Recipe, spec: CaptioningSpec, tokenizer):
     from transformers import VisionEncoderDecoderModel
 
     if is_combined(recipe, spec):
-        model = models.load_model(recipe.model, VisionEncoderDecoderModel)
+        model = pretrained.load_model(recipe.model, VisionEncoderDecoderModel)
     else:
         from transformers import AutoConfig
 
-        encoder = models.check_source(recipe.model.name, "model.name")
-        decoder = models.check_source(spec.decoder, "captioning.decoder")
+        encoder = pretrained.check_source(recipe.model.name, "model.name")
+        decoder = pretrained.check_source(spec.decoder, "captioning.decoder")
         trust = recipe.model.trust_remote_code
         try:
             # The decoder config is made here, marked as a decoder with cross-attention: transformers 5
@@ -242,7 +244,7 @@ def build_model(recipe: Recipe, spec: CaptioningSpec, tokenizer):
 
 def is_combined(recipe: Recipe, spec: CaptioningSpec) -> bool:
     """Whether model.name is a VisionEncoderDecoder already; checks it agrees with captioning.decoder."""
-    config = models.load_config(recipe.model)
+    config = pretrained.load_config(recipe.model)
     combined = config.model_type == "vision-encoder-decoder"
     if combined and spec.decoder:
         raise UserError(f"captioning.decoder: model.name '{recipe.model.name}' already holds an encoder and a "
@@ -316,7 +318,7 @@ def load_trained(run_dir: Path, **kwargs):
     recipe, and the adapter brings back the cross-attention trained in full."""
     from transformers import AutoTokenizer, VisionEncoderDecoderModel
 
-    from finetune.inference import run_recipe
+    from finetune.use.inference import run_recipe
 
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
@@ -339,7 +341,7 @@ def caption(run_dir: Path, inputs: list[str] | None, data: str | None, num_beams
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.inference import check_model_dir, run_recipe
+    from finetune.use.inference import check_model_dir, run_recipe
 
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
@@ -351,7 +353,7 @@ def caption(run_dir: Path, inputs: list[str] | None, data: str | None, num_beams
     items, rows, base = images.prediction_inputs(inputs, data, spec.image_column)
     model = load_trained(run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-    processor = images.load_image_processor(recipe.model if recipe else models.ModelSpec(), str(run_dir))
+    processor = images.load_image_processor(recipe.model if recipe else pretrained.ModelSpec(), str(run_dir))
     limit = max_length or (recipe.data.max_length if recipe else None) or model.generation_config.max_length
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -378,7 +380,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     try:
         train, eval_ds = load_data(recipe, spec)
         if not is_combined(recipe, spec):
-            models.check_source(spec.decoder, "captioning.decoder")
+            pretrained.check_source(spec.decoder, "captioning.decoder")
         tokenizer = load_caption_tokenizer(recipe, spec)
         images.load_image_processor(recipe.model)
     except UserError as e:

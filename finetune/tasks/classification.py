@@ -22,12 +22,13 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from finetune import data as D
-from finetune import models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, raise_if
-from finetune.recipe import ClassificationSpec, Recipe
-from finetune.sources import load_source
+from finetune.recipe.schema import ClassificationSpec, Recipe
+from finetune.data.sources import load_source
 
 LABELS_FILE = "labels.json"  # label names in id order (the adapter does not store id2label), and
 # whether integer labels in data are indices into them (else they are names: 1..5 stars -> "1".."5")
@@ -38,7 +39,7 @@ STATS_SAMPLE = 10_000  # `finetune validate` measures token lengths on at most t
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
-    from finetune.metrics import load_extra_metrics
+    from finetune.tasks.metrics import load_extra_metrics
 
     raise_if_unsupported(recipe)
     spec = recipe.section(ClassificationSpec)
@@ -67,14 +68,14 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     raise_if(problems + label_problems(train_raw, eval_raw, names, by_index, recipe))
 
     # 2. Tokenizer, with a pad token (GPT-style tokenizers have none; batches need one).
-    tokenizer = models.load_tokenizer(recipe.model)
-    models.ensure_pad_token(tokenizer)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
+    pretrained.ensure_pad_token(tokenizer)
 
     # 3. Model: the checkpoint with a new head of len(names) outputs that knows the label names.
-    model, info = models.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=len(names),
+    model, info = pretrained.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=len(names),
                                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                                     ignore_mismatched_sizes=True, output_loading_info=True)
-    models.ensure_pad_token(tokenizer, model)  # also sets config.pad_token_id: the last-token head looks for it
+    pretrained.ensure_pad_token(tokenizer, model)  # also sets config.pad_token_id: the last-token head looks for it
     model.config.use_cache = False  # GPT-style models would return their cache as extra "logits"
     keep_token_type_ids(tokenizer, model.config)
     new = new_layers(info)
@@ -82,13 +83,13 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         where = "trained in full and saved with the adapter" if recipe.method == "lora" else "trained"
         print(f"note: layers not in the checkpoint, newly initialised and {where}: {', '.join(new + ['head'])}",
               flush=True)
-    max_length = models.max_length(recipe.data.max_length, model.config, default_cap=512)
+    max_length = pretrained.max_length(recipe.data.max_length, model.config, default_cap=512)
 
     # 4. Tokenize: [CLS] text [SEP] (pair [SEP]), cut at max_length; labels as ids. The eval split runs
     #    longest first: its metrics do not depend on the order, and like lengths pad less.
     train_ds = encode(train_raw, tokenizer, recipe, spec, max_length, names, by_index)
     eval_ds = encode(eval_raw, tokenizer, recipe, spec, max_length, names, by_index) if eval_raw else None
-    eval_ds = training.longest_first(eval_ds) if eval_ds is not None else None
+    eval_ds = session.longest_first(eval_ds) if eval_ds is not None else None
 
     # 5. LoRA: adapters on the encoder; the head and the new layers stay fully trainable and are saved.
     if recipe.method == "lora":
@@ -97,15 +98,15 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 6. Train, evaluate, save (with the label names), report per class.
     extra = load_extra_metrics(spec.metrics, "classification.metrics")
     report: dict = {}
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(recipe, run_dir)
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir)
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=metrics_function(names, extra, report),
                       preprocess_logits_for_metrics=predicted_class,
-                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
@@ -115,15 +116,15 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         saved = {"id2label": dict(enumerate(names)), "integers_are_indices": by_index}
         (run_dir / LABELS_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         if report:
-            from finetune.metrics import report_table
+            from finetune.tasks.metrics import report_table
 
             table = report_table(report)
             (run_dir / "eval_report.txt").write_text(table + "\n")
             print(f"\nper-class report on the eval split:\n{table}", flush=True)
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
     metrics.pop("perplexity", None)  # exp(cross-entropy) over labels means nothing here
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe, table), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe, table), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -272,7 +273,7 @@ def predicted_class(logits, labels):
 def metrics_function(names: list[str], extra: dict, report: dict):
     """compute_metrics for the Trainer: accuracy and macro-F1 (+ extra evaluate metrics); the
     per-class report of the latest evaluation lands in `report`."""
-    from finetune.metrics import classification_metrics, extra_metric_values
+    from finetune.tasks.metrics import classification_metrics, extra_metric_values
 
     def compute(eval_pred) -> dict[str, float]:
         preds, labels = eval_pred.predictions, eval_pred.label_ids
@@ -344,7 +345,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.inference import check_model_dir, run_recipe
+    from finetune.use.inference import check_model_dir, run_recipe
 
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
@@ -374,7 +375,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
     keep_token_type_ids(tokenizer, model.config)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    max_length = models.max_length(recipe.data.max_length if recipe else None, model.config, default_cap=512)
+    max_length = pretrained.max_length(recipe.data.max_length if recipe else None, model.config, default_cap=512)
     model.eval()
     out = []
     for start in range(0, len(texts), batch_size):
@@ -436,9 +437,9 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
             notes.append(f"{key}: {len(ds)} examples; {label_counts(ds, names, by_index, spec.label_column)}")
 
     try:
-        tokenizer = models.load_tokenizer(recipe.model)
-        config = models.load_config(recipe.model)
-        max_length = models.max_length(d.max_length, config, default_cap=512)
+        tokenizer = pretrained.load_tokenizer(recipe.model)
+        config = pretrained.load_config(recipe.model)
+        max_length = pretrained.max_length(d.max_length, config, default_cap=512)
     except UserError as e:
         return problems + e.problems, notes
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

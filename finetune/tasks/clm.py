@@ -20,13 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-from finetune import chat, corpus, models, training
-from finetune import data as D
-from finetune.adapters import apply_lora, is_adapter_dir, save_adapter
+from finetune.data import chat
+from finetune.data import corpus
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.data import text as D
+from finetune.models.adapters import apply_lora, is_adapter_dir, save_adapter
 from finetune.errors import UserError
-from finetune.fit import fit_to_memory
-from finetune.recipe import Recipe
-from finetune.sources import load_source
+from finetune.training.fit import fit_to_memory
+from finetune.recipe.schema import Recipe
+from finetune.data.sources import load_source
 
 CHAT_FILE = "chat.json"  # in a run trained on chat data: `generate` and `chat` apply the template
 
@@ -39,13 +42,13 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 1-2. Tokenizer and data (prepare_data below): sources read and checked, tokenized, mixed, packed.
     tokenizer, _, data = prepare_data(recipe, resume)
-    models.pad_with_eos(tokenizer)  # labels are masked by position, so eos pads without a new embedding row
+    pretrained.pad_with_eos(tokenizer)  # labels are masked by position, so eos pads without a new embedding row
 
     # Batch and steps, now that the rows are known: the largest micro-batch this machine's memory holds
     # (grad_accum keeps the effective batch), and small data trained for enough optimizer steps.
     recipe = fit_to_memory(recipe, seq=data.block)
     if not d.streaming:
-        recipe, lines = training.plan_steps(recipe, len(data.train), data.block)
+        recipe, lines = session.plan_steps(recipe, len(data.train), data.block)
         for line in lines:
             print(line, flush=True)
 
@@ -53,7 +56,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     if recipe.method == "pretrain":
         model = AutoModelForCausalLM.from_config(pretrain_config(recipe, tokenizer))
     else:
-        model = models.load_model(recipe.model, AutoModelForCausalLM, recipe.quant if recipe.quant.bits else None)
+        model = pretrained.load_model(recipe.model, AutoModelForCausalLM, recipe.quant if recipe.quant.bits else None)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -64,7 +67,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 4. LoRA: freeze the base, train low-rank adapters (and the embedding rows of new template tokens).
     if recipe.method == "lora":
         if recipe.quant.bits:
-            from finetune.quantization import prepare_quantized
+            from finetune.models.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
         new_ids = tokenizer.convert_tokens_to_ids(new_tokens)
@@ -75,13 +78,13 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                   f"({len(new_ids)} x {model.get_input_embeddings().weight.shape[1]} values)", flush=True)
 
     # 5. Train, evaluate, save.
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(recipe, run_dir)
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir)
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if d.streaming:
         corpus.own_dataloader(trainer, checkpoint)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -98,8 +101,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             (run_dir / CHAT_FILE).write_text(json.dumps({"format": data.fmt, "end_of_turn": tokenizer.convert_ids_to_tokens(
                 chat.end_of_turn_ids(tokenizer))}, indent=1) + "\n")
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -120,30 +123,30 @@ def prepare_data(recipe: Recipe, resume: bool = False):
     d = recipe.data
     # 1. Tokenizer: the model's, or (pre-training without one) a BPE trained on this corpus.
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: models.train_bpe_tokenizer(
+        tokenizer = session.corpus_tokenizer(recipe.output_dir, resume, lambda: pretrained.train_bpe_tokenizer(
             corpus_texts(recipe), recipe.model.vocab_size))
     else:
-        tokenizer = models.load_tokenizer(recipe.model)
+        tokenizer = pretrained.load_tokenizer(recipe.model)
 
     # 2. Data: every source read and checked in its format (text, prompt/completion, conversations), the
     #    chat template set for conversations, tokenized (text with eos after every document, other formats
     #    with labels -100 outside the trained tokens), mixed, and packed into blocks of max_length tokens.
     #    Cached for the next run on the same data, or streamed (finetune/corpus.py).
-    config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else models.load_config(recipe.model)
+    config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else pretrained.load_config(recipe.model)
     if d.packing:
         refuse_packing_without_boundaries(config)
-    max_length = models.max_length(d.max_length, config)
+    max_length = pretrained.max_length(d.max_length, config)
     return tokenizer, config, corpus.prepare(recipe, tokenizer, max_length, packs(recipe, config))
 
 
 def pretrain_config(recipe: Recipe, tokenizer):
     """The GPT-2 config pre-training builds: a size preset or a config file, sized to the tokenizer."""
-    return models.gpt_config(recipe.model, len(tokenizer), recipe.data.max_length, tokenizer)
+    return pretrained.gpt_config(recipe.model, len(tokenizer), recipe.data.max_length, tokenizer)
 
 
 def corpus_texts(recipe: Recipe):
     """The texts a tokenizer is trained on when pre-training without one: the text sources of data.train."""
-    from finetune.sources import listed
+    from finetune.data.sources import listed
 
     texts = []
     for source in listed(recipe.data, "train"):
@@ -202,7 +205,7 @@ def check(recipe: Recipe) -> tuple:
     """Data checks for `finetune validate`: (problems, notes[, tokens per row]). Every source of a mixture with
     its rows, tokens and share; the row length and the optimizer steps; chat data: every bad row, then one
     rendered example with its trained tokens marked and the share of tokens that carry the loss."""
-    from finetune.sources import listed
+    from finetune.data.sources import listed
 
     problems, notes = [], []
     d = recipe.data
@@ -226,7 +229,7 @@ def check(recipe: Recipe) -> tuple:
         notes.append(f"tokenizer: a byte-level BPE of {recipe.model.vocab_size} tokens will be trained on data.train")
     else:
         try:
-            tokenizer = models.load_tokenizer(recipe.model)
+            tokenizer = pretrained.load_tokenizer(recipe.model)
             _, _, added = corpus.template_rules(tokenizer, d, [(rows[0], fmt, s.spec) for s, rows, fmt in checked])
             if added:
                 notes.append(f"tokenizer: the template adds {', '.join(added)} (new embedding rows, trained "
@@ -238,8 +241,8 @@ def check(recipe: Recipe) -> tuple:
     if tokenizer.pad_token_id is None:
         notes.append("tokenizer: no pad token; eos pads (labels are masked by position, so eos is still learned)")
     try:
-        config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else models.load_config(recipe.model)
-        max_length = models.max_length(d.max_length, config)
+        config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else pretrained.load_config(recipe.model)
+        max_length = pretrained.max_length(d.max_length, config)
     except UserError as e:
         return problems + e.problems, notes
     packing = packs(recipe, config)
@@ -259,7 +262,7 @@ def check(recipe: Recipe) -> tuple:
     stats = D.length_stats(lengths)
     notes.append("tokens per example: " + ", ".join(f"{k} {v:.0f}" for k, v in stats.items() if k != "count")
                  + (f" ({source.key})" if len(checked) > 1 else "")
-                 + f" (max_length {max_length}, model context {models.context_length(config)})")
+                 + f" (max_length {max_length}, model context {pretrained.context_length(config)})")
     too_long = sum(n > max_length for n in lengths)
     if too_long:
         fate = "split" if fmt == "text" and packing else "cut"
@@ -290,7 +293,7 @@ def check_source(source, whole: bool) -> tuple[list[str], list[str], object, str
         if d.streaming:  # the rows training checks before it starts, not the whole stream
             from datasets import Dataset
 
-            from finetune.sources import load_stream
+            from finetune.data.sources import load_stream
 
             head = list(load_stream(d.train, key, d.train_split, d.config).take(corpus.CHECK_ROWS))
             if not head:
@@ -380,5 +383,5 @@ def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) ->
         n = len(D.packed_dataset(tokenized, block)) if packing else len(tokenized)
         rows += n * len(all_rows) / len(tokenized)
     held = recipe.data.eval_fraction if not recipe.data.eval and not recipe.data.eval_split else 0.0
-    _, lines = training.plan_steps(recipe, max(1, round(rows * (1 - held))), block)
+    _, lines = session.plan_steps(recipe, max(1, round(rows * (1 - held))), block)
     return notes + [line.replace("training: ", "training: about ", 1) for line in lines], block

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, runlog, training
-from finetune.adapters import is_adapter_dir, lora_config
+from finetune.models import pretrained
+from finetune.rl import rlhf
+from finetune.training import runlog
+from finetune.training import session
+from finetune.models.adapters import is_adapter_dir, lora_config
 from finetune.errors import UserError, first_line
-from finetune.recipe import DpoSpec, Recipe
+from finetune.recipe.schema import DpoSpec, Recipe
 
 # DPO moves far on small rates: these are trl's defaults (full) and a common LoRA choice.
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}
@@ -39,16 +42,16 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     train_raw, eval_raw, fmt = rlhf.load_preferences(recipe)
 
     # 2. Tokenizer. pad == eos is harmless here: trl masks the loss by position, not by token id.
-    tokenizer = models.load_tokenizer(recipe.model)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
     rlhf.check_chat_template(tokenizer, fmt, recipe)
 
     # 3. Policy: a model directory, a Hub id, or a LoRA run merged into its base in memory.
     model, _ = rlhf.load_policy(recipe)
     model.config.use_cache = False
-    max_length = models.max_length(recipe.data.max_length, model.config)
+    max_length = pretrained.max_length(recipe.data.max_length, model.config)
 
     # 4. Lengths: pairs whose prompt fills max_length are skipped, longer responses cut; both reported.
-    context = models.context_length(model.config)
+    context = pretrained.context_length(model.config)
     train_raw = check_lengths(train_raw, "data.train", tokenizer, max_length, context)
     if eval_raw is not None:
         eval_raw = check_lengths(eval_raw, "data.eval", tokenizer, max_length, context)
@@ -58,7 +61,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     ref_model, peft_config = None, None
     if recipe.method == "lora":
         if recipe.quant.bits:
-            from finetune.quantization import prepare_quantized
+            from finetune.models.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
         peft_config = lora_config(model, recipe.lora, "CAUSAL_LM")
@@ -66,18 +69,18 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         ref_model = rlhf.frozen_copy(model)
 
     # 6. Train, evaluate, save.
-    run_dir = training.start_run(recipe)
+    run_dir = session.start_run(recipe)
     losses = {spec.loss_type: 1.0, **({"sft": spec.sft_weight} if spec.sft_weight else {})}
-    args = training.training_arguments(
+    args = session.training_arguments(
         recipe, run_dir, args_cls=DPOConfig, max_length=max_length, beta=spec.beta, loss_type=list(losses),
         loss_weights=list(losses.values()), label_smoothing=spec.label_smoothing,
         learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method])
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     try:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_raw,
                              eval_dataset=eval_raw, processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                             callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     except ValueError as e:
         if "Target modules" in str(e):  # peft: lora.target_modules names no module of this model
             raise UserError(f"lora.target_modules: {first_line(e)}; set lora.target_modules to module names "
@@ -89,14 +92,14 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, trainer.model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, trainer.model)
     metrics.pop("perplexity", None)  # eval_loss is the DPO loss, not a language-model loss
     if eval_metrics:
         metrics["eval_accuracy"] = round(eval_metrics["eval_rewards/accuracies"], 6)
         metrics["eval_margin"] = round(eval_metrics["eval_rewards/margins"], 6)
     metrics["margin_start"], metrics["margin_end"] = runlog.curve(run_dir, "rewards/margins")
     rlhf.print_curve("training reward margin (chosen - rejected)", metrics["margin_start"], metrics["margin_end"])
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 

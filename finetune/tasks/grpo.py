@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, runlog, training
-from finetune.adapters import apply_lora
-from finetune.recipe import GrpoSpec, Recipe
-from finetune.rewards import load_reward
+from finetune.models import pretrained
+from finetune.rl import rlhf
+from finetune.training import runlog
+from finetune.training import session
+from finetune.models.adapters import apply_lora
+from finetune.recipe.schema import GrpoSpec, Recipe
+from finetune.rl.rewards import load_reward
 
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}  # trl's default (full) and a common LoRA choice
 
@@ -43,12 +46,12 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     reward_fn = load_reward(spec.reward, "grpo.reward", device=str(PartialState().device))
 
     # 3. Tokenizer (trl pads prompts on the left for generation itself).
-    tokenizer = models.load_tokenizer(recipe.model)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
     rlhf.check_chat_template(tokenizer, fmt, recipe)
 
     # 4. Policy: a model directory, a Hub id, or a LoRA run merged into its base in memory.
     model, merged = rlhf.load_policy(recipe)
-    context = models.context_length(model.config)
+    context = pretrained.context_length(model.config)
 
     # 5. Prompts that leave no room for max_completion_length tokens are reported and skipped.
     train_raw = skip_long(train_raw, "data.train", tokenizer, spec.max_completion_length, context)
@@ -60,7 +63,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     reference_dir = None
     if recipe.method == "lora":
         if recipe.quant.bits:
-            from finetune.quantization import prepare_quantized
+            from finetune.models.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
         model = apply_lora(model, recipe.lora, "CAUSAL_LM")
@@ -70,19 +73,19 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         model.config._name_or_path = reference_dir.name
 
     # 7. Train, evaluate, save.
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(
         recipe, run_dir, args_cls=GRPOConfig, num_generations=spec.num_generations,
         max_completion_length=spec.max_completion_length, temperature=spec.temperature, beta=spec.beta,
         learning_rate=recipe.train.learning_rate or DEFAULT_LR[recipe.method],
         disable_dropout=True,  # as trl's DPO and reward trainers do: dropout would make the policy's log-probs
         # (and the KL to the reference) noisy; trl's GRPO default keeps it
         include_num_input_tokens_seen="no")  # batches hold prompt/completion ids, not input_ids
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=train_raw,
                           eval_dataset=eval_raw, processing_class=tokenizer,
-                          callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                          callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if reference_dir is not None:  # trl has loaded the reference; the copy is no longer needed
         reference_dir.cleanup()
         model.config._name_or_path = recipe.model.name
@@ -92,11 +95,11 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, trainer.model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, trainer.model)
     metrics.pop("perplexity", None)
     metrics["reward_start"], metrics["reward_end"] = runlog.curve(run_dir, "reward")
     rlhf.print_curve("mean reward of the sampled completions", metrics["reward_start"], metrics["reward_end"])
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -133,7 +136,7 @@ def load_trained(run_dir: Path, **kwargs):
 def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     """`finetune validate`: the prompts, the reward source (without loading a model) and the lengths."""
     from finetune.errors import UserError
-    from finetune.rewards import check_reward_dir
+    from finetune.rl.rewards import check_reward_dir
 
     spec = recipe.section(GrpoSpec)
     problems, notes = [], []
@@ -148,9 +151,9 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         problems += e.problems
     try:
         train, eval_ds, fmt = rlhf.load_prompts(recipe)
-        tokenizer = models.load_tokenizer(recipe.model)
+        tokenizer = pretrained.load_tokenizer(recipe.model)
         rlhf.check_chat_template(tokenizer, fmt, recipe)
-        context = models.context_length(rlhf.policy_config(recipe))
+        context = pretrained.context_length(rlhf.policy_config(recipe))
     except UserError as e:
         return problems + e.problems, notes
     for ds, key in ((train, "data.train"), (eval_ds, "data.eval")):

@@ -23,11 +23,13 @@ import json
 import random
 from pathlib import Path
 
-from finetune import data as D
-from finetune import images, models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.data import images
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
-from finetune.recipe import ImageClassificationSpec, Recipe
+from finetune.recipe.schema import ImageClassificationSpec, Recipe
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
@@ -43,7 +45,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 2. Image processor and model: the checkpoint's own preprocessing, a new head for these labels.
     processor = images.load_image_processor(recipe.model)
     id2label = dict(enumerate(names))
-    model = models.load_model(recipe.model, AutoModelForImageClassification, num_labels=len(names),
+    model = pretrained.load_model(recipe.model, AutoModelForImageClassification, num_labels=len(names),
                               id2label=id2label, label2id={n: i for i, n in id2label.items()},
                               ignore_mismatched_sizes=True)
 
@@ -60,16 +62,16 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         model = apply_lora(model, recipe.lora, None, modules_to_save=head_modules(model))
 
     # 5. Train, evaluate, save.
-    run_dir = training.start_run(recipe)
+    run_dir = session.start_run(recipe)
     # The image column must reach the transform (the Trainer would drop it: the model takes no
     # `image`); there are no tokens to count.
-    args = training.training_arguments(recipe, run_dir, remove_unused_columns=False,
+    args = session.training_arguments(recipe, run_dir, remove_unused_columns=False,
                                        include_num_input_tokens_seen="no")
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=processor, compute_metrics=accuracy,
-                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
@@ -77,12 +79,12 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         processor.save_pretrained(str(run_dir))
         (run_dir / "labels.json").write_text(json.dumps({"id2label": id2label}, indent=2) + "\n")
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
     for key in ("tokens_seen", "tokens_per_s", "perplexity"):  # images, not tokens; no perplexity of labels
         metrics.pop(key, None)
     metrics["samples_per_s"] = train_output.metrics.get("train_samples_per_second")
     metrics["num_labels"] = len(names)
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -241,7 +243,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     image column). One dict per image: image, label, score, and the reference label when `data` has one."""
     import torch
 
-    from finetune.inference import check_model_dir, run_recipe
+    from finetune.use.inference import check_model_dir, run_recipe
 
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
@@ -249,7 +251,7 @@ def predict(run_dir: Path, inputs: list[str] | None, data: str | None, batch_siz
     spec = recipe.section(ImageClassificationSpec) if recipe else ImageClassificationSpec()
     items, rows, base = images.prediction_inputs(inputs, data, spec.image_column)
     model = load_trained(run_dir).eval()
-    processor = images.load_image_processor(recipe.model if recipe else models.ModelSpec(), str(run_dir))
+    processor = images.load_image_processor(recipe.model if recipe else pretrained.ModelSpec(), str(run_dir))
     id2label = model.config.id2label
     out = []
     for start in range(0, len(items), batch_size):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import data as D
-from finetune import models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, first_line
-from finetune.recipe import MlmSpec, ModelSpec, Recipe
+from finetune.recipe.schema import MlmSpec, ModelSpec, Recipe
 
 # BERT sizes for `finetune pretrain --task mlm` (the BERT miniatures of Turc et al., 2019, and BERT-base).
 BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -49,20 +50,20 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 2. Tokenizer: the model's (it must have a mask token), or a WordPiece trained on this corpus; on
     #    --resume the one saved with the checkpoint (training it again can number the tokens differently).
-    checkpoint = training.resume_checkpoint(recipe.output_dir) if resume else None
+    checkpoint = session.resume_checkpoint(recipe.output_dir) if resume else None
     if recipe.method == "pretrain" and not recipe.model.tokenizer:
-        tokenizer = training.corpus_tokenizer(recipe.output_dir, resume, lambda: train_wordpiece_tokenizer(
+        tokenizer = session.corpus_tokenizer(recipe.output_dir, resume, lambda: train_wordpiece_tokenizer(
             train_raw[column], recipe.model.vocab_size))
     else:
-        tokenizer = models.load_tokenizer(recipe.model)
+        tokenizer = pretrained.load_tokenizer(recipe.model)
         require_mask_token(tokenizer, recipe.model)
 
     # 3. Model: a BERT built from a preset or config (pre-training), or a masked-LM checkpoint.
     if recipe.method == "pretrain":
         model = AutoModelForMaskedLM.from_config(bert_config(recipe.model, tokenizer, recipe.data.max_length))
     else:
-        model = models.load_model(recipe.model, AutoModelForMaskedLM)
-    max_length = models.max_length(recipe.data.max_length, model.config, default_cap=512)
+        model = pretrained.load_model(recipe.model, AutoModelForMaskedLM)
+    max_length = pretrained.max_length(recipe.data.max_length, model.config, default_cap=512)
 
     # 4. Tokenize: [CLS] text [SEP], cut at max_length; packing cuts the concatenated corpus into blocks.
     train_ds = tokenize(train_raw, tokenizer, column, max_length, recipe.data.packing)
@@ -73,21 +74,21 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         model = apply_lora(model, recipe.lora, None)
 
     # 6. Train, evaluate, save. The collator selects and masks the tokens anew in every batch.
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(recipe, run_dir)
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir)
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=masking_collator(tokenizer, spec, recipe.train.seed), processing_class=tokenizer,
                       compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_tokens,
-                      callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                      callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -202,7 +203,7 @@ def predicted_tokens(logits, labels):
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
-    from finetune.metrics import masked_token_accuracy
+    from finetune.tasks.metrics import masked_token_accuracy
 
     return {"accuracy": masked_token_accuracy(eval_pred.predictions, eval_pred.label_ids)}
 
@@ -252,10 +253,10 @@ def fill_mask(source: str, text: str, top_k: int | None = None) -> list[list[tup
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from finetune.inference import check_model_dir, run_recipe
+    from finetune.use.inference import check_model_dir, run_recipe
 
     path = Path(source).expanduser()
-    recipe, local = None, path.exists() or models.looks_like_path(source)
+    recipe, local = None, path.exists() or pretrained.looks_like_path(source)
     if local:
         check_model_dir(path, "run")
         recipe = run_recipe(path)
@@ -264,7 +265,7 @@ def fill_mask(source: str, text: str, top_k: int | None = None) -> list[list[tup
                             "or a masked-LM model")
         tok_source = str(path)
     else:
-        tok_source = models.check_source(source, "model")
+        tok_source = pretrained.check_source(source, "model")
     top_k = top_k or (recipe.section(MlmSpec) if recipe else MlmSpec()).top_k
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     mask = tokenizer.mask_token
@@ -323,11 +324,11 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
             notes.append(f"tokenizer: a WordPiece of {recipe.model.vocab_size} tokens will be trained on data.train")
             tokenizer = train_wordpiece_tokenizer(texts, recipe.model.vocab_size)
         else:
-            tokenizer = models.load_tokenizer(recipe.model)
+            tokenizer = pretrained.load_tokenizer(recipe.model)
             require_mask_token(tokenizer, recipe.model)
         config = bert_config(recipe.model, tokenizer, recipe.data.max_length) if recipe.method == "pretrain" \
-            else models.load_config(recipe.model)
-        max_length = models.max_length(recipe.data.max_length, config, default_cap=512)
+            else pretrained.load_config(recipe.model)
+        max_length = pretrained.max_length(recipe.data.max_length, config, default_cap=512)
     except UserError as e:
         return problems + e.problems, notes
     spec = recipe.section(MlmSpec)

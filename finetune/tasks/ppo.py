@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from finetune import data as D
-from finetune import models, rlhf, training
-from finetune.runlog import read_log
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.models import pretrained
+from finetune.rl import rlhf
+from finetune.training import session
+from finetune.training.runlog import read_log
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, raise_if
-from finetune.recipe import PpoSpec, Recipe
+from finetune.recipe.schema import PpoSpec, Recipe
 
 # Lower than SFT rates: each iteration re-fits the policy to its own samples several times.
 PPO_LEARNING_RATE = {"lora": 3e-5, "full": 3e-6}
@@ -41,8 +43,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from finetune.ppo_trainer import Critic, PpoTrainer
-    from finetune.rewards import load_reward
+    from finetune.rl.ppo_trainer import Critic, PpoTrainer
+    from finetune.rl.rewards import load_reward
 
     spec = recipe.section(PpoSpec)
     raise_if(problems(recipe))
@@ -53,9 +55,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 1. Prompts: plain text, none empty, none too long for the context (reported, never cut).
     train_raw, eval_raw = D.load_splits(recipe.data, t.seed)
-    tokenizer = models.load_tokenizer(recipe.model)
-    models.ensure_pad_token(tokenizer)
-    context = models.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
+    tokenizer = pretrained.load_tokenizer(recipe.model)
+    pretrained.ensure_pad_token(tokenizer)
+    context = pretrained.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
     train_ids = tokenize_prompts(train_raw, tokenizer, spec, context, "data.train", recipe.data.train)
     eval_ids = None
     if eval_raw is not None:
@@ -66,7 +68,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     reward_fn = load_reward(spec.reward, key="ppo.reward", device=str(accelerator.device))
 
     # 3. Policy, reference and critic; on resume the trained ones come from the checkpoint.
-    checkpoint = Path(training.resume_checkpoint(recipe.output_dir)) if resume else None
+    checkpoint = Path(session.resume_checkpoint(recipe.output_dir)) if resume else None
     policy, reference = policy_and_reference(recipe, tokenizer, checkpoint)
     critic = Critic(load_critic(recipe, spec, tokenizer, checkpoint))
     if t.gradient_checkpointing:  # trade compute for memory in the policy and critic updates
@@ -74,7 +76,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             (model.get_base_model() if hasattr(model, "get_base_model") else model).activation_checkpointing_enable()
 
     # 4. Train.
-    run_dir = training.start_run(recipe)
+    run_dir = session.start_run(recipe)
     world = accelerator.num_processes
     iterations = t.max_steps if t.max_steps > 0 else \
         max(1, math.ceil(t.epochs * len(train_ids) / (spec.rollout_batch_size * world)))
@@ -101,7 +103,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
                     f"{metrics['eval_reward_reference']:.4f})") if eval_metrics else ""
         print(f"reward {metrics['reward_start']:.4f} -> {metrics['reward_end']:.4f} over {iterations} iterations; "
               f"kl {metrics['kl_end']:.4f}{held_out}", flush=True)
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     accelerator.end_training()
     return metrics
 
@@ -177,7 +179,7 @@ def policy_and_reference(recipe: Recipe, tokenizer, checkpoint: Path | None):
     from transformers import AutoModelForCausalLM
 
     base, _ = rlhf.load_policy(recipe)
-    models.ensure_pad_token(tokenizer, base)
+    pretrained.ensure_pad_token(tokenizer, base)
     if recipe.method == "lora":
         if checkpoint:
             from peft import PeftModel
@@ -197,7 +199,7 @@ def load_critic(recipe: Recipe, spec: PpoSpec, tokenizer, checkpoint: Path | Non
     if checkpoint and recipe.method == "full":
         model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint / "critic"))
     elif spec.critic:
-        from finetune.rewards import load_reward_model
+        from finetune.rl.rewards import load_reward_model
 
         path = Path(spec.critic).expanduser()
         if not path.is_dir():
@@ -252,7 +254,7 @@ def ppo_metrics(run_dir: Path, iterations: int, runtime: float, eval_metrics: di
     def mean(records, key):
         return round(sum(r[key] for r in records) / len(records), 6) if records else None
 
-    trainable, total = models.count_parameters(policy)
+    trainable, total = pretrained.count_parameters(policy)
     return {
         "reward_start": mean(log[:k], "reward"),
         "reward_end": mean(log[-k:], "reward"),
@@ -303,8 +305,8 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
     problems_, notes = problems(recipe), []
     try:
         train_raw, eval_raw = D.load_splits(recipe.data, recipe.train.seed)
-        tokenizer = models.load_tokenizer(recipe.model)
-        context = models.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
+        tokenizer = pretrained.load_tokenizer(recipe.model)
+        context = pretrained.max_length(recipe.data.max_length, rlhf.policy_config(recipe))
     except UserError as e:
         return problems_ + e.problems, notes
     for ds, key in ((train_raw, "data.train"), (eval_raw, "data.eval")):
@@ -327,7 +329,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
 def reward_problems(source: str) -> list[str]:
     """The reward source resolves: a function imports; a model directory has one output (read
     from its config, without loading the weights)."""
-    from finetune.rewards import load_reward
+    from finetune.rl.rewards import load_reward
 
     path = Path(source).expanduser()
     try:

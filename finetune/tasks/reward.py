@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import models, rlhf, runlog, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.models import pretrained
+from finetune.rl import rlhf
+from finetune.training import runlog
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
-from finetune.recipe import Recipe, RewardSpec
-from finetune.rewards import score_pairs
+from finetune.recipe.schema import Recipe, RewardSpec
+from finetune.rl.rewards import score_pairs
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
@@ -35,17 +38,17 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 
     # 2. Tokenizer, with a pad token distinct from eos: the score is read at the last non-pad token,
     #    so with pad == eos it would be read before the eos the model was trained to score at.
-    tokenizer = models.load_tokenizer(recipe.model)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
     rlhf.check_chat_template(tokenizer, fmt, recipe)
 
     # 3. Model: a sequence classifier with one output (a causal LM gets a fresh score head).
     check_base(recipe)
     model, _ = rlhf.load_policy(recipe, AutoModelForSequenceClassification, num_labels=1)
-    models.ensure_pad_token(tokenizer, model)
-    max_length = models.max_length(recipe.data.max_length, model.config)
+    pretrained.ensure_pad_token(tokenizer, model)
+    max_length = pretrained.max_length(recipe.data.max_length, model.config)
 
     # 4. Pairs longer than max_length are reported and skipped (trl would drop them silently).
-    context = models.context_length(model.config)
+    context = pretrained.context_length(model.config)
     train_raw = skip_long(train_raw, "data.train", tokenizer, max_length, context)
     if eval_raw is not None:
         eval_raw = skip_long(eval_raw, "data.eval", tokenizer, max_length, context)
@@ -53,20 +56,20 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 5. LoRA: the score head is new, so peft trains and saves it in full (task type SEQ_CLS).
     if recipe.method == "lora":
         if recipe.quant.bits:
-            from finetune.quantization import prepare_quantized
+            from finetune.models.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
         model = apply_lora(model, recipe.lora, "SEQ_CLS")
 
     # 6. Train, evaluate, save.
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(recipe, run_dir, args_cls=RewardConfig, max_length=max_length,
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir, args_cls=RewardConfig, max_length=max_length,
                                        center_rewards_coefficient=spec.center_rewards)
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_raw, eval_dataset=eval_raw,
                             processing_class=tokenizer,
-                            callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                            callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_raw is not None else None
     trainer.save_model(str(run_dir))
@@ -74,13 +77,13 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         tokenizer.save_pretrained(str(run_dir))
 
     # 7. Held-out pairs, scored the way PPO/GRPO score completions with this run.
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, trainer.model)
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, trainer.model)
     metrics.pop("perplexity", None)  # eval_loss is the pairwise loss, not a language-model loss
     if eval_raw is not None:
         metrics.update(pairwise_metrics(trainer.model, tokenizer, eval_raw))
     metrics["margin_start"], metrics["margin_end"] = runlog.curve(run_dir, "margin")
     rlhf.print_curve("training margin (chosen - rejected score)", metrics["margin_start"], metrics["margin_end"])
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -89,7 +92,7 @@ def check_base(recipe: Recipe) -> None:
     path = Path(recipe.model.name).expanduser()
     if path.is_dir() and is_adapter_dir(path):
         return
-    config = models.load_config(recipe.model)
+    config = pretrained.load_config(recipe.model)
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
         raise UserError(f"model.name: '{recipe.model.name}' is a classifier with {config.num_labels} outputs; a reward "
@@ -117,7 +120,7 @@ def pairwise_metrics(model, tokenizer, pairs) -> dict[str, float]:
 
 def usage(run_dir: Path, recipe: Recipe) -> str:
     return ("A reward model: one score per prompt + response (higher is better).\n\n"
-            "```python\nfrom finetune.rewards import load_reward\n\n"
+            "```python\nfrom finetune.rl.rewards import load_reward\n\n"
             f'score = load_reward("{run_dir}")\n'
             'score(["How do I boil an egg?"], [" Put it in boiling water for 8 minutes."])  # -> [float]\n```\n\n'
             f"As the reward of online RL: `finetune grpo --set grpo.reward={run_dir} ...` or "

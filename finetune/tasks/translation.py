@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import data as D
-from finetune import models, training
-from finetune.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
+from finetune.models import pretrained
+from finetune.training import session
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
-from finetune.metrics import generation_metrics
-from finetune.recipe import Recipe, TranslationSpec
-from finetune.sources import load_source
+from finetune.tasks.metrics import generation_metrics
+from finetune.recipe.schema import Recipe, TranslationSpec
+from finetune.data.sources import load_source
 
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
              "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "cs": "Czech", "fi": "Finnish", "tr": "Turkish",
@@ -47,9 +48,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     eval_raw = text_pairs(eval_raw, spec, "data.eval", recipe.data.eval or recipe.data.train) if eval_raw else None
 
     # 2. Tokenizer and model.
-    tokenizer = models.load_tokenizer(recipe.model)
-    model = models.load_model(recipe.model, AutoModelForSeq2SeqLM, recipe.quant if recipe.quant.bits else None)
-    source_tokens = models.max_length(recipe.data.max_length, model.config, default_cap=SOURCE_TOKENS)
+    tokenizer = pretrained.load_tokenizer(recipe.model)
+    model = pretrained.load_model(recipe.model, AutoModelForSeq2SeqLM, recipe.quant if recipe.quant.bits else None)
+    source_tokens = pretrained.max_length(recipe.data.max_length, model.config, default_cap=SOURCE_TOKENS)
     set_generation(model, tokenizer, spec)
 
     # 3. Tokenize: prefix + source -> input_ids; target -> labels ending in eos (so generation stops).
@@ -61,30 +62,30 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 4. LoRA: freeze the base, train low-rank adapters (peft's default targets for T5: q and v).
     if recipe.method == "lora":
         if recipe.quant.bits:
-            from finetune.quantization import prepare_quantized
+            from finetune.models.quantization import prepare_quantized
 
             model = prepare_quantized(model, recipe)
         model = apply_lora(model, recipe.lora, "SEQ_2_SEQ_LM")
 
     # 5. Train; evaluation generates translations and scores them.
-    run_dir = training.start_run(recipe)
-    args = training.training_arguments(recipe, run_dir, args_cls=Seq2SeqTrainingArguments, predict_with_generate=True,
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir, args_cls=Seq2SeqTrainingArguments, predict_with_generate=True,
                                        generation_max_length=spec.max_target_length,
                                        generation_num_beams=spec.num_beams)
-    checkpoint = training.resume_checkpoint(run_dir) if resume else None
-    resume_step = training.checkpoint_step(checkpoint) or 0
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer,
                              compute_metrics=score_generations(tokenizer),
-                             callbacks=[*training.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
+                             callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
 
-    metrics = training.run_metrics(trainer, train_output, eval_metrics, model)
-    training.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
     return metrics
 
 
@@ -209,7 +210,7 @@ def load_trained(run_dir: Path, **kwargs):
     else:
         from transformers import AutoModelForSeq2SeqLM as cls
     model = cls.from_pretrained(str(run_dir), **kwargs)
-    from finetune.inference import run_recipe
+    from finetune.use.inference import run_recipe
 
     recipe = run_recipe(Path(run_dir))
     if recipe is not None:
@@ -227,7 +228,7 @@ def translate(run_dir: Path, texts: list[str] | None, data: str | None, num_beam
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.inference import check_model_dir, run_recipe
+    from finetune.use.inference import check_model_dir, run_recipe
 
     run_dir = Path(run_dir)
     check_model_dir(run_dir, "run")
@@ -281,9 +282,9 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]]:
         if eval_raw is not None:
             eval_ds = text_pairs(eval_raw, spec, "data.eval", recipe.data.eval or recipe.data.train)
             notes.append(f"data.eval: {len(eval_ds)} pairs")
-        tokenizer = models.load_tokenizer(recipe.model)
-        config = models.load_config(recipe.model)
-        source_tokens = models.max_length(recipe.data.max_length, config, default_cap=SOURCE_TOKENS)
+        tokenizer = pretrained.load_tokenizer(recipe.model)
+        config = pretrained.load_config(recipe.model)
+        source_tokens = pretrained.max_length(recipe.data.max_length, config, default_cap=SOURCE_TOKENS)
     except UserError as e:
         return e.problems, notes
     prefix = source_prefix(spec)

@@ -1,0 +1,364 @@
+"""Data: load splits from files, folders or the Hub, check columns, tokenize, pack.
+
+`load_splits` returns (train, eval) `datasets.Dataset`s; when the recipe names no eval data, a
+small validation split is held out of train with the recipe's seed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import contextvars
+import uuid
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.recipe.schema import DataSpec
+from finetune.data.sources import load_source
+
+def text_problems(ds, column: str, key: str, source: str) -> list[str]:
+    """A text column must hold strings: numbers or lists (or a mix) are named with their first row. A column
+    Arrow typed as strings needs no look at its rows."""
+    if getattr(ds.features.get(column), "dtype", None) in ("string", "large_string"):
+        return []
+    for n, value in enumerate(ds[column], 1):
+        if value is not None and not isinstance(value, str):
+            kind = type(value).__name__
+            return [f"{key}: column '{column}' of '{source}' holds {kind} values (row {n}: {str(value)[:40]!r}), "
+                    f"not text; set data.text_column to a column of strings"]
+    return []
+
+
+def load_splits(spec: DataSpec, seed: int = 42, train=None, key: str = "data.train"):
+    """(train, eval) datasets; eval is held out of train when `spec.eval` is unset. `train`: the
+    train source already loaded; `key`: how messages name it (data.train.1 in a mixture)."""
+    if train is None:
+        train = load_source(spec.train, key, spec.train_split, spec.config)
+    if spec.eval:
+        eval_ds = load_source(spec.eval, "data.eval", spec.eval_split or "validation", spec.config)
+    elif spec.eval_split:
+        eval_ds = load_source(spec.train, key, spec.eval_split, spec.config)
+    elif spec.eval_fraction > 0 and len(train) >= 4:
+        n_eval = max(1, round(len(train) * spec.eval_fraction))
+        parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        train, eval_ds = parts["train"], parts["test"]
+    else:
+        eval_ds = None
+    if spec.max_samples and len(train) > spec.max_samples:
+        train = train.select(range(spec.max_samples))
+    if eval_ds is not None and spec.max_eval_samples and len(eval_ds) > spec.max_eval_samples:
+        # a random subset: eval files are often sorted (by label, by length)
+        eval_ds = eval_ds.shuffle(seed=seed).select(range(spec.max_eval_samples))
+    return train, eval_ds
+
+
+def load_text_splits(spec: DataSpec, seed: int = 42, train=None, key: str = "data.train"):
+    """(train, eval) of a text task: the text column checked in both, empty texts dropped (with a
+    warning for train: `finetune validate` lists their rows)."""
+    train, eval_ds = load_splits(spec, seed, train, key)
+    column = spec.text_column
+    field = "data.text_column" if key in ("data.train", "data.eval") else f"{key}.text_column"  # a mixture's source
+    for ds, k, source in ((train, key, spec.train), (eval_ds, "data.eval", spec.eval)):
+        if ds is not None:
+            require_columns(ds, {field: column}, f"{k} '{source or spec.train}'")
+    problems = text_problems(train, column, key, spec.train)
+    if eval_ds is not None:
+        problems += text_problems(eval_ds, column, "data.eval", spec.eval or spec.train)
+    if problems:
+        raise UserError(problems)
+    empty = empty_rows(train, column)
+    if len(empty) == len(train):
+        raise UserError(f"{key}: every text in '{spec.train}' is empty (column '{column}'); nothing to train on")
+    if empty:
+        print(f"warning: skipping {len(empty)} empty texts in {key} (`finetune validate` lists their rows)",
+              flush=True)
+        train = drop_empty(train, column)
+    if eval_ds is not None:
+        eval_ds = drop_empty(eval_ds, column)
+    return train, eval_ds
+
+
+def load_causal_splits(spec: DataSpec, seed: int = 42, key: str = "data.train"):
+    """(train, eval, format) of the causal-LM task. Text data as `load_text_splits`; chat and
+    prompt/completion data checked row by row first (every bad row at once, numbered as in the file)."""
+    from finetune.data import chat
+
+    train = load_source(spec.train, key, spec.train_split, spec.config)
+    fmt = chat.detect_format(train.column_names, spec, key=key)
+    if fmt == "text":
+        return (*load_text_splits(spec, seed, train, key), fmt)
+    problems = chat.check_rows(chat.read_rows(train, spec.train), fmt, spec, key)
+    train, eval_ds = load_splits(spec, seed, train, key)
+    if spec.eval and eval_ds is not None:
+        problems += chat.check_rows(chat.read_rows(eval_ds, spec.eval), fmt, spec, "data.eval")
+    if problems:
+        raise UserError(problems + ["data: `finetune validate` lists these rows too; fix them and run again"])
+    if fmt == "conversations":
+        print("note: ShareGPT 'conversations' mapped to messages (from human -> role user, gpt -> assistant, "
+              "value -> content)", flush=True)
+    return train, eval_ds, fmt
+
+
+def require_columns(ds, columns: dict[str, str], source: str) -> None:
+    """`columns` maps recipe key -> column name; one problem per missing column."""
+    problems = []
+    for key, column in columns.items():
+        if column not in ds.column_names:
+            problems.append(f"{key}: no column '{column}' in {source}; its columns are: "
+                            f"{', '.join(ds.column_names)}. Set {key} to one of them")
+    if problems:
+        raise UserError(problems)
+
+
+def empty_rows(ds, column: str) -> list[int]:
+    """Row indices of empty texts, read a batch at a time (never the whole column at once)."""
+    out, start = [], 0
+    for batch in ds.select_columns([column]).iter(batch_size=10_000):
+        out += [start + i for i, t in enumerate(batch[column]) if t is None or (isinstance(t, str) and not t.strip())]
+        start += len(batch[column])
+    return out
+
+
+def drop_empty(ds, column: str):
+    return ds.filter(lambda t: t is not None and bool(str(t).strip()), input_columns=column)
+
+
+# ---------------------------------------------------------------------------------------
+# Causal-LM tokenization and packing
+
+
+IDS = "int32"  # token ids, positions and labels (-100) as int32: half the cache and memory of Python's int64
+
+
+def columns_of(ds) -> list[str]:
+    """Column names; a stream of JSON rows knows them only from its first row. (Not `ds.take(1)`: on a
+    stream split between processes, take counts rows before the split, so most processes get none.)"""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds), {}))
+
+
+# Where map_batches writes a Dataset's results: the datasets cache beside the source (None), or a
+# folder the caller removes once it has kept what it needs (`writing_to`).
+_SCRATCH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("scratch", default=None)
+
+
+@contextlib.contextmanager
+def writing_to(folder: Path):
+    """Steps of map_batches inside this block write their Arrow files into `folder`, not beside the
+    source in the datasets cache, where every intermediate step of a large corpus would stay."""
+    token = _SCRATCH.set(folder)
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
+MAP_BATCH = 1000  # rows per call of a batched map (tokenization)
+
+
+def map_batches(ds, fn, names: list[str], desc: str, num_proc: int | None = None, batch_size: int | None = None):
+    """`ds.map(fn, batched=True)` into int32 columns `names`, for a Dataset (written to the datasets cache
+    or the `writing_to` folder, `num_proc` processes) or a stream (lazily, as it is read)."""
+    import datasets
+
+    batch_size = batch_size or MAP_BATCH
+    features = datasets.Features({n: datasets.List(datasets.Value(IDS)) for n in names})
+    kwargs = {"batched": True, "batch_size": batch_size, "remove_columns": columns_of(ds), "features": features}
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(fn, **kwargs)
+    scratch = _SCRATCH.get()
+    if scratch is not None:
+        kwargs["cache_file_name"] = str(scratch / f"{uuid.uuid4().hex}.arrow")
+    return ds.map(fn, desc=desc, num_proc=num_proc if num_proc and num_proc > 1 and len(ds) > batch_size else None,
+                  **kwargs)
+
+
+def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: bool, num_proc: int | None = None):
+    """Token ids per document with eos appended (so the model learns to stop); empty texts are skipped.
+
+    Texts are tokenized as `generate` tokenizes a prompt (the tokenizer's special tokens, so BOS for
+    Llama-family models), so that the model trains on what it is prompted with.
+    Documents longer than `max_length` are cut to it, or, with `split_long` (packing), split
+    into consecutive pieces of at most `max_length` tokens, so no text is lost.
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
+        out = []
+        for doc in tokenizer(texts)["input_ids"] if texts else []:
+            doc = doc + [eos] if eos is not None and doc[-1:] != [eos] else doc
+            if split_long:
+                out.extend(doc[i:i + max_length] for i in range(0, len(doc), max_length))
+            else:
+                out.append(doc[:max_length])
+        return {"input_ids": out}
+
+    return map_batches(ds, encode, ["input_ids"], "Tokenizing", num_proc)
+
+
+def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, num_proc: int | None = None):
+    """input_ids and labels per prompt/completion or conversation row (labels -100 outside the trained
+    tokens, see `finetune.chat`). Longer rows are cut to `max_length` (a conversation split in two would
+    train answers without their question); rows left with nothing to train on are dropped, with a warning."""
+    import datasets
+
+    from finetune.data import chat
+
+    specials = chat.special_ids(tokenizer)
+
+    def encode(batch):
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+            if fmt == "prompt_completion" and not chat.is_chat(fmt, row, spec):
+                ids, labels = chat.tokenize_prompt_completion(tokenizer, row[spec.prompt_column],
+                                                              row[spec.completion_column], spec.train_on)
+            else:
+                messages, n_prompt = chat.to_messages(row, fmt, spec)
+                ids, labels = chat.tokenize_chat(tokenizer, messages, spec.train_on, n_prompt, specials)
+            if any(t != -100 for t in labels[:max_length]):
+                out["input_ids"].append(ids[:max_length])
+                out["labels"].append(labels[:max_length])
+        return out
+
+    tokenized = map_batches(ds, encode, ["input_ids", "labels"], "Tokenizing conversations", num_proc)
+    if isinstance(ds, datasets.IterableDataset):
+        return tokenized
+    lost = len(ds) - len(tokenized)
+    if lost:
+        print(f"warning: {lost} examples have no trained token within data.max_length={max_length} and are "
+              "skipped; raise data.max_length", flush=True)
+    return tokenized
+
+
+def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: groups of document indices whose lengths sum to <= capacity.
+
+    Documents are never split across bins, so each bin trains on whole documents; every length
+    must already be <= capacity.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), kept sorted
+    for i in order:
+        n = lengths[i]
+        # the fullest bin that still fits n (best fit) keeps bins dense
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos < len(free):
+            room, b = free.pop(pos)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+    return bins
+
+
+# Documents packed together: first-fit-decreasing within a window of this many packs nearly as densely as
+# packing the whole corpus at once (BENCHMARKS.md: data at scale), and keeps the packer's memory bounded by
+# the window, not the corpus; a stream packs the same way as it is read.
+PACK_WINDOW = 2000
+
+
+def pack_rows(batch: dict[str, list], max_length: int) -> dict[str, list]:
+    """Rows of several whole documents of `batch`: input_ids, position_ids restarting at 0 per document,
+    and labels with each document's first token masked (never predicted from the previous one).
+    Documents with their own labels (chat masks) keep them."""
+    docs = batch["input_ids"]
+    masks = batch["labels"] if "labels" in batch else docs
+    rows: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "labels": []}
+    for group in pack_documents([len(d) for d in docs], max_length):
+        ids, pos, labels = [], [], []
+        for i in sorted(group):
+            doc = docs[i]
+            ids += doc
+            pos += range(len(doc))
+            labels += [-100, *masks[i][1:]]
+        rows["input_ids"].append(ids)
+        rows["position_ids"].append(pos)
+        rows["labels"].append(labels)
+    return rows
+
+
+MIN_BLOCK = 64  # the shortest row a data-sized block gets
+
+
+def fitted_block(parts: list, cap: int, round_up: bool = True) -> int:
+    """The packed row length that follows the data (data.max_length unset): the smallest power of two that
+    holds the longest tokenized example, at most `cap`. Short conversations then pack into short rows and
+    a few hundred of them make tens of optimizer steps, not five rows of 1,024 tokens; attention, which
+    grows with the row length, costs less per token too."""
+    import pyarrow.compute as pc
+
+    longest = 0
+    for ds in parts:
+        if ds is None or len(ds) == 0:
+            continue
+        lengths = pc.list_value_length(ds.data.column("input_ids"))
+        longest = max(longest, int(pc.max(lengths).as_py() or 0))
+    if not round_up:  # unpacked rows: padded to the longest of their batch, at most this
+        return min(max(longest, 1), cap)
+    block = MIN_BLOCK
+    while block < longest:
+        block *= 2
+    return min(block, cap)
+
+
+def packed_dataset(tokenized, max_length: int, num_proc: int | None = None):
+    """Blocks of at most `max_length` tokens packed from whole documents (`pack_rows`), a window of
+    PACK_WINDOW documents at a time; a Dataset or a stream.
+
+    transformers builds a block-diagonal causal mask from position_ids that restart, as long
+    as no attention_mask is passed and the model runs without a cache (use_cache=False).
+    """
+    return map_batches(tokenized, lambda batch: pack_rows(batch, max_length), ["input_ids", "position_ids", "labels"],
+                       "Packing", num_proc, batch_size=PACK_WINDOW)
+
+
+class CausalCollator:
+    """Pads a batch on the right. Labels are masked by position (padding only), never by token id,
+    so an eos inside the text is always learned; labels given per example (a loss mask) are kept.
+
+    No attention_mask is returned. With right padding no real token attends to a later pad, so
+    the logits of every real token are the same with or without one, and padded positions carry
+    no loss. Without a mask the model runs plain causal attention (SDPA's `is_causal` kernels on
+    GPU) instead of building a 4-D padding mask per layer. Packed rows carry position_ids that
+    restart per document (transformers builds the block-diagonal mask from them); their padding
+    then continues as a separate segment. Unpacked rows get no position_ids: the default 0..n-1
+    is right for right padding.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        packed = "position_ids" in features[0]
+        batch: dict[str, list] = {"input_ids": [], "labels": []}
+        if packed:
+            batch["position_ids"] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = longest - len(ids)
+            labels = list(f["labels"]) if "labels" in f else list(ids)
+            batch["input_ids"].append(ids + [self.pad_id] * pad)
+            batch["labels"].append(labels + [-100] * pad)
+            if packed:
+                batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {"count": 0}
+    s = sorted(lengths)
+    return {"count": len(s), "min": s[0], "mean": sum(s) / len(s), "p50": s[len(s) // 2],
+            "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1]}
+

@@ -1,0 +1,2 @@
+"""Pretrained models, tokenizers and configs (Hub, local, GGUF), LoRA adapters, quantization and the
+memory estimate. Imports recipe and launch."""

@@ -1,0 +1,287 @@
+"""Memory: what a run will need, and what to do when it does not fit (precision is finetune/precision.py).
+
+    finetune plan --model Qwen/Qwen2.5-0.5B --quant 4bit --bf16 --set train.batch_size=8 --set data.max_length=1024
+    finetune lora ... --set train.max_memory_gib=12    # fit the batch to 12 GiB (unset: what is free)
+
+`estimate(recipe)` predicts the peak memory of one device from the model's config alone (built on the meta
+device: exact parameter counts, no weights read): weights, gradients and AdamW state of what trains,
+activations of one micro-batch, the logits and loss, the share a distributed preset keeps per device, and
+on CPU the process itself. Checked against measured peaks (live tensors, resident memory, and on CUDA
+`torch.cuda.max_memory_allocated`; BENCHMARKS.md). finetune/fit.py fits a run to the memory that is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from finetune.launch.headroom import resident_bytes
+from finetune.recipe.schema import Recipe
+from finetune.recipe.tasks import task_info
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclasses.dataclass
+class Estimate:
+    weights: float  # bytes per device
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    trainable: int  # parameter counts
+    total_params: int
+    quantized_params: int
+    devices: int  # processes sharing the model state (sharded presets divide by it)
+    seq: int  # tokens per example
+    capacity: float | None  # bytes of one device, when known
+    notes: list[str]
+    process: float = 0.0  # on CPU: the process itself (Python, torch, libraries, data), resident before the model
+
+    @property
+    def tensors(self) -> float:
+        """The tensors of the run: weights, gradients, optimizer state, activations and logits."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def peak(self) -> float:
+        return self.tensors + self.process
+
+
+def model_dims(config) -> dict[str, int]:
+    """hidden, layers, heads, ffn and vocab sizes under their usual config names."""
+    def first(*names, default=None):
+        for n in names:
+            v = getattr(config, n, None)
+            if isinstance(v, int):
+                return v
+        return default
+
+    text = getattr(config, "text_config", None) or getattr(config, "decoder", None)
+    if first("hidden_size", "n_embd", "d_model") is None and text is not None:
+        return model_dims(text)
+    hidden = first("hidden_size", "n_embd", "d_model", default=768)
+    return dict(hidden=hidden, layers=first("num_hidden_layers", "n_layer", "num_layers", default=12),
+                heads=first("num_attention_heads", "n_head", "num_heads", default=12),
+                kv_heads=first("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", default=12),
+                ffn=first("intermediate_size", "n_inner", "d_ff", "ffn_dim", default=4 * hidden) or 4 * hidden,
+                vocab=first("vocab_size", default=0), context=first("n_positions", "max_position_embeddings",
+                                                                  default=1024))
+
+
+def ffn_saved_tensors(model, config) -> int:
+    """Tensors of the MLP width autograd keeps per layer: 2 for a fused activation (gelu, relu),
+    4 for a gated MLP (SwiGLU), 5 for GPT-2's unfused tanh-GELU."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names & {"gate_proj", "gate_up_proj", "w1", "wi_0"}:
+        return 4
+    act = getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")
+    return 5 if act == "gelu_new" else 2
+
+
+# The decoder families whose causal-LM forward Liger (0.8) replaces with its fused linear cross-entropy
+# (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN, decoder entries); read here
+# rather than imported, since importing Liger needs Triton and `finetune plan` runs anywhere.
+LIGER_FUSED_LOSS = frozenset({
+    "deepseek_v2", "deepseek_v3", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4",
+    "gpt_oss", "granite", "hunyuan_v1_dense", "hunyuan_v1_moe", "llama", "ministral", "mistral", "mixtral",
+    "nemotron", "olmo2", "olmo3", "phi3", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "smollm3"})
+
+
+def fused_loss(recipe: Recipe, config) -> bool:
+    """Whether the run's loss never materialises the logits (Liger on a family it patches)."""
+    return recipe.train.liger_kernel and getattr(config, "model_type", None) in LIGER_FUSED_LOSS
+
+
+def sequence_length(recipe: Recipe, dims: dict[str, int], config) -> int:
+    """Tokens per example: data.max_length (or the model's context, at most 1024); patches for images."""
+    vision = getattr(config, "vision_config", None) or config
+    image, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(image, int) and isinstance(patch, int) and recipe.task == "image-classification":
+        return (image // patch) ** 2 + 1
+    return min(recipe.data.max_length or min(dims["context"], 1024), dims["context"] or 10**9)
+
+
+def packs_rows(recipe: Recipe) -> bool:
+    """Whether the run trains on packed rows (several examples per row): causal LM packs unless told not to."""
+    packing = recipe.data.packing
+    return bool(packing) or (packing is None and recipe.task == "clm")
+
+
+def dtype_bytes(recipe: Recipe, config) -> int:
+    name = recipe.model.dtype
+    if name == "auto":
+        name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if "16" in name else 4
+
+
+def device_capacity() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int | None = None) -> Estimate:
+    """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given; seq:
+    tokens per row when the data decides it, as packing does)."""
+    from finetune.models.adapters import lora_config
+    from finetune.launch.presets import preset_kind
+    from finetune.models.quantization import quantizable_layers, skeleton
+
+    model = model if model is not None else skeleton(recipe.model, recipe.task)
+    config = model.config
+    dims = model_dims(config)
+    t, q, notes = recipe.train, recipe.quant, []
+    weight_bytes = dtype_bytes(recipe, config)
+
+    # Weights: quantised layers at 4 bits (+ block scales) or 8 bits; the rest in the load dtype, or in
+    # float32 under QLoRA (prepare_model_for_kbit_training upcasts norms, embeddings and head).
+    quantized = {f"{n}.weight" for n in quantizable_layers(model)} if q.bits else set()
+    per_q = {4: 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64), 8: 1.0}.get(q.bits or 0, 0)
+    weights = 0.0
+    qparams = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name in quantized:
+            qparams += p.numel()
+            weights += p.numel() * per_q
+        else:
+            weights += p.numel() * (4 if q.bits else weight_bytes)
+
+    # What trains: LoRA adapters (float32, peft keeps them so) or every parameter.
+    lora_inputs = 0  # summed input width of the adapted layers (LoRA dropout copies their inputs)
+    if recipe.method == "lora":
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        # the adapter's shapes only: its initialisation and named token rows do not change what it holds
+        shapes = recipe.lora.model_copy(update={"init": "default", "trainable_tokens": None})
+        peft_model = get_peft_model(model, lora_config(model, shapes, None))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        lora_inputs = sum(m.in_features for m in peft_model.modules() if isinstance(m, LoraLayer))
+        weights += trainable * 4
+        train_bytes = trainable * 4
+    else:
+        trainable = total
+        train_bytes = trainable * weight_bytes
+    optim = str(t.trainer_args.get("optim", "adamw_torch"))
+    state_per_byte = 0.5 if "8bit" in optim else 0.0 if optim == "sgd" else 2.0  # AdamW: two moments
+    gradients, optimizer = float(train_bytes), train_bytes * state_per_byte
+
+    # Activations of one micro-batch, in bytes: per layer, the tensors autograd keeps of the hidden width (norm
+    # inputs and outputs, q, k, v, attention output) and of the MLP width (ffn_saved_tensors), plus
+    # LoRA dropout's copies of the adapted layers' inputs. Gradient checkpointing keeps only each
+    # layer's input and recomputes one layer at a time in backward.
+    b, s, h, f = t.batch_size, seq or sequence_length(recipe, dims, config), dims["hidden"], dims["ffn"]
+    L = max(dims["layers"], 1)
+    act_bytes = 2 if (t.bf16 or t.fp16) else 4
+    # Under QLoRA prepare_model_for_kbit_training upcasts the embeddings and norms to float32: the
+    # residual stream, the norms' tensors and what adds to them stay float32 under 16-bit autocast, so
+    # the hidden-width tensors count 4 bytes (a 0.5B Qwen2 on an H200, batch 8 x 1024: 31.3 GiB
+    # measured against 26.8 estimated without this, 1.16x).
+    hidden_bytes = 4 if q.bits else act_bytes
+    kv_share = dims["kv_heads"] / dims["heads"] if dims["heads"] else 1.0
+    attn = recipe.model.attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    # Packed rows attend through a block-diagonal mask, except on flash attention's varlen path: SDPA then
+    # keeps each layer's own copy of the mask for backward, and with a mask transformers' repeat_kv copies
+    # K and V to every query head (SmolLM2-135M, 1 x 1024 tokens: 4 MiB of mask and 6 MiB of K/V per layer).
+    masked = recipe.task == "clm" and packs_rows(recipe) and "flash" not in str(attn)
+    if masked:
+        kv_share = 1.0
+    per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes + ffn_saved_tensors(model, config) * f * act_bytes)
+    if masked:
+        per_layer += b * s * s * act_bytes
+    if recipe.lora.dropout > 0:
+        per_layer += b * s * lora_inputs / L * act_bytes
+    if attn == "eager":
+        per_layer += 2 * b * dims["heads"] * s * s * act_bytes
+    if t.gradient_checkpointing:
+        activations = L * b * s * h * hidden_bytes + per_layer
+    else:
+        activations = L * per_layer
+    activations += 3 * b * s * h * hidden_bytes  # embeddings and final norm
+    # Logits and loss: the head's output, its float32 log-softmax and the two gradients in backward.
+    vocab = dims["vocab"] if task_info(recipe.task).lm_head else 0  # a head over the whole vocabulary
+    logits = float(b * s * vocab * (12 + (act_bytes if act_bytes == 2 else 0)))
+    if vocab and fused_loss(recipe, config):
+        # Liger's fused linear cross-entropy computes the loss and its gradient chunk by chunk and
+        # never holds the logits; what stays is about a chunk of them and the hidden states' gradient.
+        logits = float(2 * b * s * h * 4)
+        notes.append("train.liger_kernel: the loss is fused with the LM head; no logits are kept")
+
+    # Distributed presets: what each device keeps.
+    kind = preset_kind(t.distributed) if t.distributed else "ddp"
+    devices = t.num_processes
+    if devices > 1 and kind == "ddp":
+        gradients *= 2  # DDP's gradient buckets hold a second copy
+    elif kind == "deepspeed-zero2":
+        gradients, optimizer = gradients / devices, optimizer / devices
+    elif kind in ("fsdp", "deepspeed-zero3"):
+        biggest_layer = weights / max(L, 1)
+        weights = weights / devices + 2 * biggest_layer  # one gathered layer, one prefetched
+        gradients, optimizer = gradients / devices, optimizer / devices
+
+    if (t.bf16 or t.fp16) and (weight_bytes == 4 or q.bits):
+        # autocast keeps a 16-bit copy of each float32 weight a matmul uses (under QLoRA: the head,
+        # which prepare_model_for_kbit_training upcast)
+        weights += (total - qparams) * 2
+    if t.bf16 or t.fp16:
+        notes.append("activations in 16 bits (mixed precision); weights and optimizer state as loaded")
+    if recipe.method == "lora":
+        notes.append(f"trains {trainable:,} LoRA parameters of {total:,}")
+    capacity = capacity if capacity is not None else device_capacity()
+    process = 0.0 if is_cuda() else resident_bytes()  # this process now: imports done, no weights loaded yet
+    return Estimate(process=process, weights=weights, gradients=gradients, optimizer=optimizer,
+                    activations=float(activations),
+                    logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
+                    devices=devices, seq=s, capacity=capacity, notes=notes)
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def report(recipe: Recipe, est: Estimate) -> list[str]:
+    t = recipe.train
+    method = f"QLoRA {recipe.quant.bits}-bit" if recipe.quant.bits else recipe.method
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    kind = t.distributed or ("ddp" if t.num_processes > 1 else "single process")
+    lines = [f"memory per device ({method}, {precision}, batch {t.batch_size} x {est.seq} tokens, "
+             f"{kind}{f', {t.num_processes} processes' if t.num_processes > 1 else ''}"
+             f"{', gradient checkpointing' if t.gradient_checkpointing else ''}):"]
+    parts = (("process", est.process),) if est.process else ()
+    for label, value in (*parts, ("weights", est.weights), ("gradients", est.gradients), ("optimizer", est.optimizer),
+                         ("activations", est.activations), ("logits/loss", est.logits)):
+        lines.append(f"  {label:<12} {fmt(value):>11}")
+    lines.append(f"  {'peak':<12} {fmt(est.peak):>11}  (estimate; allow ~10% for allocator fragmentation"
+                 f"{' and ~0.5 GiB for the CUDA context' if est.capacity and is_cuda() else ''})")
+    lines += [f"  {n}" for n in est.notes]
+    return lines
+
+
+def is_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fit_problems(recipe: Recipe, est: Estimate) -> list[str]:
+    """A warning-sized problem when the estimate does not fit the device."""
+    if not est.capacity or est.peak <= 0.9 * est.capacity:
+        return []
+    if recipe.train.fit_memory and recipe.train.num_processes == 1:
+        return [f"memory: the estimated peak of {fmt(est.peak)} does not fit in the {fmt(est.capacity)} of this "
+                "device (with 10% to spare); training will lower train.batch_size (raising train.grad_accum), then "
+                "turn on gradient checkpointing, to fit the memory that is free when it starts (train.fit_memory)"]
+    return [f"memory: the estimated peak of {fmt(est.peak)} per device does not fit in the {fmt(est.capacity)} "
+            "of one device (with 10% to spare); lower train.batch_size (and raise train.grad_accum), set "
+            "train.gradient_checkpointing=true, use --bf16, --quant 4bit, or shard with --distributed fsdp"]
