@@ -1,5 +1,6 @@
-"""The package's import graph has no cycle, counting the imports inside functions too: if two modules
-need each other, a third, lower one is missing."""
+"""The package's import graph, counting imports inside functions and type-only imports too: the wings are
+stacked so that every import runs down (or stays inside its wing), and there is no cycle: if two modules
+need each other, a third, lower one is missing. No module is over 400 lines: past that it does two jobs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
+# Top to bottom: a module may import its own wing and the wings after it. `finetune.__main__` stands above
+# them all; the package root (its version) and `finetune.errors` below them all.
+WINGS = ("cli", "run", "tasks", "rl", "use", "training", "hub", "data", "models", "recipe", "launch")
+LONGEST = 400
 
 
 def module_name(path: Path) -> str:
@@ -14,22 +19,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or \
-        isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"
-
-
-def imports(path: Path, modules: set[str]) -> set[str]:
-    """Package modules `path` imports anywhere in its body (not under `if TYPE_CHECKING:`)."""
+def imports(path: Path, modules: set[str], own: str | None = None) -> set[str]:
+    """Package modules `path` imports anywhere in its body (in functions and under `if TYPE_CHECKING:` too)."""
     found: set[str] = set()
-    own = module_name(path)
+    own = own or module_name(path)
     package = own if path.name == "__init__.py" else own.rpartition(".")[0]
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom):
@@ -50,6 +46,19 @@ def import_graph() -> dict[str, set[str]]:
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(f) for f in files}
     return {module_name(f): imports(f, modules) for f in files}
+
+
+def rank(module: str) -> int:
+    """The module's height: 0 for the top wing, len(WINGS) for the root and errors, -1 for __main__."""
+    if module == "finetune.__main__":
+        return -1
+    parts = module.split(".")
+    return WINGS.index(parts[1]) if len(parts) > 1 and parts[1] in WINGS else len(WINGS)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up the stack of wings, as 'importer -> imported'."""
+    return [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a]) if rank(b) < rank(a)]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -84,12 +93,26 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def test_the_walk_sees_function_local_imports():
+def test_the_walk_sees_function_local_and_type_only_imports(tmp_path):
     graph = import_graph()
     assert "finetune.launch.environment" in graph["finetune.cli.tools"]  # imported inside `finetune env`'s body only
     assert "finetune.recipe.tasks" in graph["finetune.recipe.schema"]
+    typed = tmp_path / "typed.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from finetune.cli.app import app\n")
+    assert imports(typed, set(graph), own="finetune.data.typed") == {"finetune.cli.app"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert upward({"finetune.data.chat": {"finetune.training.rundir", "finetune.errors"},
+                   "finetune.__main__": {"finetune.cli.app"}}) == ["finetune.data.chat -> finetune.training.rundir"]
+
+
+def test_every_package_folder_is_a_wing():
+    assert sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()) == sorted(WINGS)
+
+
+def test_imports_run_down_the_wings():
+    assert upward(import_graph()) == []
 
 
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
+

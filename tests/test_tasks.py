@@ -13,7 +13,8 @@ from conftest import invoke
 
 from finetune.errors import UserError
 from finetune.recipe.schema import Recipe, build_recipe
-from finetune.recipe.tasks import PROTOCOL, REGISTRY, Task, TaskInfo, load_task, stage_commands
+from finetune.recipe.tasks import REGISTRY, TaskInfo, load_task, stage_commands
+from finetune.tasks import PROTOCOL, Task
 
 BASE = {"model": {"name": "gpt2"}, "data": {"train": "train.jsonl"}}
 

@@ -5,21 +5,19 @@ fields it uses, then `run(recipe)` in numbered steps) plus one `TaskInfo` entry 
 lists tasks: the recipe schema, the chain's stage commands, the quantisation and memory checks and
 the command line's help all read this table. Adding a task is a new module and one `register` line.
 
-This module imports nothing heavy (no torch, no transformers, not the task modules): the command
-line reads it for `finetune --help`. `load_task` imports a task's module when it runs.
+It sits with the schema, below every other wing, because the schema and the wings under the tasks
+(the memory estimate, the quantisation check, inference) read it; it names each task's module as a
+string, so nothing here imports a task. It imports nothing heavy (no torch, no transformers): the
+command line reads it for `finetune --help`. `load_task` imports a task's module when it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from types import ModuleType
 
 from finetune.errors import UserError, did_you_mean
-
-if TYPE_CHECKING:
-    from finetune.recipe.schema import Recipe
 
 METHODS = ("lora", "full", "pretrain")  # the training commands that take --task
 
@@ -81,28 +79,6 @@ register(TaskInfo("grpo", "finetune.tasks.grpo", "AutoModelForCausalLM", section
 
 
 # ---------------------------------------------------------------------------------------
-# What every task module provides
-
-
-@runtime_checkable
-class Task(Protocol):
-    """The functions every module under finetune/tasks/ defines (checked by a test)."""
-
-    def run(self, recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict: ...
-
-    def check(self, recipe: Recipe) -> tuple[list[str], list[str]]: ...  # `finetune validate`: (problems, notes)
-
-    def load_trained(self, run_dir: Path, **kwargs: Any) -> Any: ...
-
-    def next_steps(self, run_dir: Path, recipe: Recipe) -> list[str]: ...
-
-    def usage(self, run_dir: Path, recipe: Recipe) -> str: ...
-
-
-PROTOCOL = ("run", "check", "load_trained", "next_steps", "usage")
-
-
-# ---------------------------------------------------------------------------------------
 # Looking tasks up
 
 
@@ -116,9 +92,9 @@ def task_info(name: str) -> TaskInfo:
     return REGISTRY[name]
 
 
-def load_task(name: str) -> Task:
+def load_task(name: str) -> ModuleType:
     """The task's module, imported now (the only place tasks are imported by name)."""
-    return importlib.import_module(task_info(name).module)  # type: ignore[return-value]
+    return importlib.import_module(task_info(name).module)
 
 
 def section_owner(section: str) -> TaskInfo | None:
