@@ -93,7 +93,7 @@ def child(spec: dict) -> None:
     the tokens and seconds of the steps after it."""
     from transformers import TrainerCallback
 
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.run.lifecycle import execute
 
     result: dict = {}
@@ -153,7 +153,7 @@ def pipeline_throughput(model: Path, corpus: Path, blocks: int = 3000) -> float:
     """Tokens per second out of the packed stream (read, tokenize, pack), no model."""
     from finetune.data import corpus as C
     from finetune.models import pretrained
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(None, {"method": "full", "model.name": str(model), "data.train": str(corpus),
                                 "data.streaming": True, "train.max_steps": 1, "data.max_length": MAX_LENGTH})

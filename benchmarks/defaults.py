@@ -99,7 +99,7 @@ def write(path: Path, n: int, seed: int, hard: bool = False) -> Path:
 
 
 def run_finetune(model: Path, train: Path, test: Path, out: Path, epochs: float, sets: dict) -> tuple[float, float]:
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import classification
 
     recipe = build_recipe({"task": "classification", "method": "lora", "model": {"name": str(model)},

@@ -125,7 +125,7 @@ def run_one(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
 
     from finetune.training.extras import kernel_problems
     from finetune.models.memory import estimate
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import clm
 
     spec = {"method": "lora", "model": {"name": str(model_dir), "tokenizer": str(model_dir / "tokenizer")},

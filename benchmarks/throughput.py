@@ -219,7 +219,7 @@ def run_trl(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: int, p
 def run_finetune(model_dir: Path, corpus: Path, out: Path, steps: int, warmup: int, method: str = "full",
                  overrides: dict | None = None):
     """`finetune full|lora --model DIR --data corpus.jsonl` through the code the command runs."""
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import clm
 
     data = {"task": "clm", "method": method, "model": {"name": str(model_dir)},

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import invoke
 from finetune.models.adapters import apply_lora, target_modules, variant_problems
-from finetune.recipe.schema import LoraSpec, build_recipe
+from finetune.recipe.load import build_recipe
+from finetune.recipe.sections import LoraSpec
 
 PROBE = ["the red cat sat on the mat.", "the blue dog sat on the"]
 

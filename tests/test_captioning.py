@@ -124,7 +124,7 @@ def test_lora_trains_adapters_and_cross_attention_only_and_reloads_identically(t
     from transformers import TrainerCallback
 
     from finetune.data import images
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import captioning
 
     class Capture(TrainerCallback):

@@ -4,7 +4,7 @@ ModelCard.load, the metrics table, the recipe, the curves picture and the distri
 from __future__ import annotations
 
 from finetune.hub.card import is_hub_id, write_card
-from finetune.recipe.schema import build_recipe
+from finetune.recipe.load import build_recipe
 
 METRICS = {"train_loss": 1.234567, "eval_loss": 0.9, "steps": 10, "tokens_per_s": None}
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from finetune.data import chat
 from finetune.errors import UserError
-from finetune.recipe.schema import DataSpec
+from finetune.recipe.sections import DataSpec
 
 
 @pytest.fixture(scope="module")

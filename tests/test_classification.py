@@ -108,7 +108,7 @@ def lora_run(tmp_path_factory, tiny_bert, sentiment, metric_script):
     import torch
     from transformers import TrainerCallback
 
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.tasks import classification
 
     texts = [r["text"] for r in reviews(80, seed=1)]
@@ -426,7 +426,7 @@ def test_label_names_ids_and_order(tmp_path):
     and NaN / None count as missing."""
     import datasets
 
-    from finetune.recipe.schema import ClassificationSpec
+    from finetune.recipe.task_sections import ClassificationSpec
     from finetune.tasks.classification import label_id, label_names
 
     ints = datasets.Dataset.from_dict({"label": [10, 2, 2, 1]})

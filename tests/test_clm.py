@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import invoke, toy_sentences, write_jsonl
 
-from finetune.recipe.schema import build_recipe
+from finetune.recipe.load import build_recipe
 from finetune.tasks import clm
 
 

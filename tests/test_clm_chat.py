@@ -132,7 +132,7 @@ def test_packed_blocks_keep_the_masks(tiny_gpt):
 
     from finetune.data import chat
     from finetune.data import text as D
-    from finetune.recipe.schema import DataSpec
+    from finetune.recipe.sections import DataSpec
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     chat.set_template(tok, "chatml")

@@ -11,7 +11,7 @@ from conftest import invoke, toy_sentences, write_jsonl
 
 
 def recipe_for(model: str, data, out=None, **sets):
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
 
     overrides = {"method": "full", "model.name": model, "data.train": data, "train.max_steps": 8,
                  "train.batch_size": 4, "train.save_steps": 4, "train.logging_steps": 4}
@@ -357,7 +357,7 @@ def test_validate_lists_every_source_with_its_share(tiny_gpt, tmp_path):
     # the token shares follow from the weights and each source's tokens per row
     from finetune.data import chat
     from finetune.models import pretrained
-    from finetune.recipe.schema import ModelSpec
+    from finetune.recipe.sections import ModelSpec
 
     tokenizer = pretrained.load_tokenizer(ModelSpec(name=tiny_gpt))
     chat.set_template(tokenizer, "chatml")

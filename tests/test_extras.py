@@ -8,7 +8,7 @@ import pytest
 from conftest import invoke, write_jsonl, toy_sentences
 from finetune.training import extras
 from finetune.training.extras import kernel_problems
-from finetune.recipe.schema import build_recipe
+from finetune.recipe.load import build_recipe
 
 
 def errors(stderr: str) -> list[str]:

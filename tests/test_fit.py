@@ -61,7 +61,7 @@ def test_cgroup_v1_limit_of_a_container(tmp_path):
 
 
 def llama_recipe(model, data, out, **train):
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
 
     return build_recipe({"method": "lora", "model": {"name": model}, "data": {"train": data, "max_length": 128},
                          "train": {"output_dir": str(out), "batch_size": 8, "grad_accum": 1, **train}})
@@ -165,7 +165,7 @@ def test_a_run_with_little_memory_trains_with_a_smaller_batch(tiny_llama, tmp_pa
     finishes and recipe.yaml holds what it trained with; a cap nothing fits ends before anything is created."""
     from finetune.launch import headroom
     from finetune.models.memory import estimate
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
 
     monkeypatch.setattr(headroom, "resident_bytes", lambda: 0.0)
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(200, seed=0))
@@ -309,7 +309,7 @@ def test_a_live_run_is_not_called_killed(tmp_path):
 
 def test_bf16_is_the_default_where_the_device_runs_it_natively(tiny_gpt, toy_text, tmp_path, monkeypatch, capsys):
     from finetune.training import precision
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
 
     recipe = build_recipe({"model": {"name": tiny_gpt}, "data": {"train": toy_text}})
     assert recipe.train.bf16 is None

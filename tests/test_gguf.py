@@ -192,7 +192,7 @@ def test_gguf_file_in_a_hub_repo_is_the_recipe_field(tiny_gguf, cache, monkeypat
 
     from finetune.models import pretrained
     from finetune.errors import UserError
-    from finetune.recipe.schema import ModelSpec
+    from finetune.recipe.sections import ModelSpec
 
     snapshot = tmp_path / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)

@@ -114,7 +114,7 @@ def test_lora_trains_adapters_and_head_only_and_reloads_identically(tiny_vit, sh
     from transformers import TrainerCallback
 
     from finetune.data import images
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import image_classification
 
     class Capture(TrainerCallback):

@@ -21,7 +21,7 @@ FACTOR = 1.5
 
 def recipe_for(model, data, out, method="lora", bits=None, steps=3, batch=8, length=64, checkpointing=False,
                attn=None, **train):
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
 
     return build_recipe({
         "method": method, "model": {"name": model, "attn_implementation": attn},

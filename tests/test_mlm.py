@@ -65,7 +65,7 @@ def test_collator_labels_about_15_percent_of_tokens(tiny_bert_mlm):
     ~10% themselves; special tokens and padding never carry labels."""
     from transformers import AutoTokenizer
 
-    from finetune.recipe.schema import MlmSpec
+    from finetune.recipe.task_sections import MlmSpec
     from finetune.tasks.mlm import masking_collator
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_mlm)
@@ -161,7 +161,7 @@ def test_lora_continued_pretraining_moves_only_adapters_and_reloads(tmp_path, ti
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import mlm
 
     probe = "the green dog sat on the [MASK]."

@@ -159,7 +159,7 @@ def test_ppo_full_raises_reward_with_reference_copy(env, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_ppo_resume_continues_exactly(env, tmp_path, method):
     """Interrupted after iteration 2 and resumed = the same run without the interruption."""
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.tasks import ppo as task
 
     def recipe(out):
@@ -313,7 +313,7 @@ def test_ppo_starts_from_a_lora_run_merged_into_its_base(tiny_gpt, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks.ppo import load_critic, policy_and_reference
 
     run = tmp_path / "sft-lora"

@@ -12,7 +12,7 @@ from conftest import invoke, new_tiny_gpt
 
 
 def qlora_recipe(tiny_gpt, toy_text, out, bits, steps, eval_steps=None):
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
 
     return build_recipe({
         "method": "lora", "model": {"name": tiny_gpt}, "data": {"train": toy_text, "eval_fraction": 0.05},

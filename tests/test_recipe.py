@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.errors import UserError
-from finetune.recipe.schema import build_recipe, builtin_recipes, load_recipe, parse_override
+from finetune.recipe.load import build_recipe, builtin_recipes, load_recipe, parse_override
 from finetune.recipe.tasks import REGISTRY as TASKS
 
 

@@ -30,7 +30,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 def recipe_for(model: str, data: str, out: Path, steps: int = 12, **sets):
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
 
     overrides = {"method": "full", "model.name": model, "data.train": data, "train.output_dir": str(out),
                  "train.max_steps": steps, "train.save_steps": 4, "train.logging_steps": 5, "train.batch_size": 4}

@@ -12,7 +12,8 @@ import pytest
 from conftest import invoke
 
 from finetune.errors import UserError
-from finetune.recipe.schema import Recipe, build_recipe
+from finetune.recipe.load import build_recipe
+from finetune.recipe.schema import Recipe
 from finetune.recipe.tasks import REGISTRY, TaskInfo, load_task, stage_commands
 from finetune.tasks import PROTOCOL, Task
 
@@ -49,7 +50,7 @@ def test_a_section_of_another_task_is_an_error_naming_its_task():
 
 
 def test_a_task_section_reads_as_its_defaults_when_unset():
-    from finetune.recipe.schema import DpoSpec, PpoSpec
+    from finetune.recipe.task_sections import DpoSpec, PpoSpec
 
     recipe = build_recipe({**BASE, "task": "ppo", "ppo": {"kl_coef": 0.2}})
     assert recipe.section(PpoSpec).kl_coef == 0.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.training import session
-from finetune.recipe.schema import build_recipe
+from finetune.recipe.load import build_recipe
 
 
 def arguments(tmp_path, task: str, **sets):

@@ -127,7 +127,7 @@ def test_lora_moves_adapters_only_and_reloads_identically(tiny_t5, toy_pairs, tm
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from finetune.recipe.schema import build_recipe
+    from finetune.recipe.load import build_recipe
     from finetune.tasks import translation
 
     class Capture(TrainerCallback):

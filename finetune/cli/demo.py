@@ -97,7 +97,7 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
     from finetune.training import checkpoints
     from finetune.training import rundir
     from finetune.use.inference import generate_text
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.run.lifecycle import execute
 
     pre_dir, lora_dir = out / "pretrain", out / "lora"
@@ -178,7 +178,7 @@ def write_chat_data(data_dir: Path, seed: int = 0) -> Path:
 def chat_step(out: Path, pre_dir: Path, chat_dir: Path, overwrite: bool = False) -> tuple[str, dict, int, int]:
     """Train the chat adapter on the pre-trained model, then hold two-question chats about held-out animals."""
     from finetune.use.inference import generate_ids, load_for_generation, prompt_ids
-    from finetune.recipe.schema import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.run.lifecycle import execute
 
     data = write_chat_data(out / "data")

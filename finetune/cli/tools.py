@@ -62,7 +62,7 @@ def plan(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = None,
     def body():
         scale = scale_overrides(quant, bf16, fp16, distributed)
         overrides = flag_overrides(model, task, None, None, None, None, None, num_processes, scale)
-        from finetune.recipe.schema import find_recipe, load_recipe
+        from finetune.recipe.load import find_recipe, load_recipe
 
         if recipe is not None:
             find_recipe(recipe)
@@ -83,7 +83,7 @@ def prepare(recipe: RecipeArg = None, model: ModelOpt = None, data: DataOpt = No
     def body():
         import time
 
-        from finetune.recipe.schema import find_recipe, load_recipe
+        from finetune.recipe.load import find_recipe, load_recipe
         from finetune.recipe.tasks import load_task, task_info
 
         if recipe is not None:
@@ -128,7 +128,7 @@ def launch_config_command(
 
     def body():
         from finetune.launch.presets import launch_config_yaml
-        from finetune.recipe.schema import find_recipe, load_recipe
+        from finetune.recipe.load import find_recipe, load_recipe
 
         scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,
                                 main_process_port)
@@ -144,7 +144,7 @@ def launch_config_command(
 @recipes_app.command("list")
 def recipes_list() -> None:
     """The built-in recipes with their one-line descriptions."""
-    from finetune.recipe.schema import builtin_recipes
+    from finetune.recipe.load import builtin_recipes
 
     for name, path in builtin_recipes().items():
         first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
@@ -177,7 +177,7 @@ def recipes_copy(name: Annotated[str, typer.Argument(help="A built-in recipe nam
 
 def _builtin(name: str) -> Path:
     from finetune.errors import did_you_mean
-    from finetune.recipe.schema import builtin_recipes
+    from finetune.recipe.load import builtin_recipes
 
     found = builtin_recipes()
     if name not in found:

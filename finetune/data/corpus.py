@@ -33,7 +33,8 @@ from finetune.data import cache
 from finetune.data import sources
 from finetune.data import text as D
 from finetune.errors import UserError
-from finetune.recipe.schema import DataSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.sections import DataSpec
 
 CHECK_ROWS = 1000  # a stream's rows checked before training (the whole file is checked when not streaming)
 

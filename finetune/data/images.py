@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune.data.sources import IMAGE_SUFFIXES, load_source
 from finetune.errors import UserError, first_line
-from finetune.recipe.schema import ModelSpec
+from finetune.recipe.sections import ModelSpec
 
 
 def undecoded(ds, column: str):

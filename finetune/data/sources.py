@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from finetune.errors import UserError, first_line
-from finetune.recipe.schema import DataSpec, SourceSpec
+from finetune.recipe.sections import DataSpec, SourceSpec
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.recipe.schema import DataSpec
+from finetune.recipe.sections import DataSpec
 from finetune.data.sources import load_source
 
 def text_problems(ds, column: str, key: str, source: str) -> list[str]:

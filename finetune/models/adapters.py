@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.recipe.schema import LoraSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.sections import LoraSpec
 
 # Architectures built from GPT-2 style Conv1D layers (weights stored transposed).
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")

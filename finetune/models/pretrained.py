@@ -17,7 +17,7 @@ from typing import Any
 from finetune.errors import UserError, first_line
 from finetune.models.gguf import is_gguf, plain_model
 from finetune.launch.offline import hub_reachable, unreachable_reason
-from finetune.recipe.schema import ModelSpec, QuantSpec
+from finetune.recipe.sections import ModelSpec, QuantSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")

@@ -39,7 +39,8 @@ from finetune.training import guards
 from finetune.training.checkpoints import checkpoint_step, write_manifest
 from finetune.rl.ppo_math import (gae, kl_k1, masked_mean, masked_whiten, policy_loss, positions, prompt_indices,
                                response_mask, token_rewards, value_loss)
-from finetune.recipe.schema import PpoSpec, TrainSpec
+from finetune.recipe.sections import TrainSpec
+from finetune.recipe.task_sections import PpoSpec
 from finetune.training.runlog import append_log, trim_log
 
 

@@ -223,7 +223,7 @@ def policy_config(recipe: Recipe):
     if path.is_dir() and is_adapter_dir(path):
         import json
 
-        from finetune.recipe.schema import ModelSpec
+        from finetune.recipe.sections import ModelSpec
 
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return pretrained.load_config(ModelSpec(name=base))

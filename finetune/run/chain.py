@@ -39,7 +39,8 @@ from finetune.training import rundir
 from finetune.data import sources
 from finetune.training.checkpoints import latest
 from finetune.errors import Stopped, UserError, did_you_mean
-from finetune.recipe.schema import Recipe, build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
+from finetune.recipe.load import build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
+from finetune.recipe.schema import Recipe
 from finetune.run.lifecycle import execute
 from finetune.recipe.tasks import METHODS
 

@@ -38,7 +38,7 @@ def command_verb(recipe: Recipe) -> str:
 
 def resolve(method: str | None, recipe_name: str | None, overrides: dict[str, Any], sets: list[str] | None,
             resume: bool, allow_chain: bool = False) -> Recipe:
-    from finetune.recipe.schema import build_recipe, find_recipe, load_recipe, read_recipe_file
+    from finetune.recipe.load import build_recipe, find_recipe, load_recipe, read_recipe_file
 
     overrides = {"method": method, **overrides}  # None: the recipe's own method (default lora)
     # `--resume -o DIR` alone continues DIR with the recipe it was started with.

@@ -33,7 +33,8 @@ from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, first_line
 from finetune.tasks.metrics import generation_metrics
-from finetune.recipe.schema import CaptioningSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import CaptioningSpec
 
 CAPTION_TOKENS = 64  # data.max_length when unset
 NEW_MODULES = ("crossattention", "ln_cross_attn", "enc_to_dec_proj")  # created when two checkpoints are joined

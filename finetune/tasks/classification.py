@@ -27,7 +27,8 @@ from finetune.models import pretrained
 from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, raise_if
-from finetune.recipe.schema import ClassificationSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import ClassificationSpec
 from finetune.data.sources import load_source
 
 LABELS_FILE = "labels.json"  # label names in id order (the adapter does not store id2label), and

@@ -25,7 +25,8 @@ from finetune.training import runlog
 from finetune.training import session
 from finetune.models.adapters import is_adapter_dir, lora_config
 from finetune.errors import UserError, first_line
-from finetune.recipe.schema import DpoSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import DpoSpec
 
 # DPO moves far on small rates: these are trl's defaults (full) and a common LoRA choice.
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}

@@ -23,7 +23,8 @@ from finetune.rl import rlhf
 from finetune.training import runlog
 from finetune.training import session
 from finetune.models.adapters import apply_lora
-from finetune.recipe.schema import GrpoSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import GrpoSpec
 from finetune.rl.rewards import load_reward
 
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}  # trl's default (full) and a common LoRA choice

@@ -29,7 +29,8 @@ from finetune.models import pretrained
 from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
-from finetune.recipe.schema import ImageClassificationSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import ImageClassificationSpec
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:

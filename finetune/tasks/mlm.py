@@ -23,7 +23,9 @@ from finetune.models import pretrained
 from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, first_line
-from finetune.recipe.schema import MlmSpec, ModelSpec, Recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.sections import ModelSpec
+from finetune.recipe.task_sections import MlmSpec
 
 # BERT sizes for `finetune pretrain --task mlm` (the BERT miniatures of Turc et al., 2019, and BERT-base).
 BERT_PRESETS: dict[str, dict[str, int]] = {

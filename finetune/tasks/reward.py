@@ -22,7 +22,8 @@ from finetune.training import runlog
 from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
-from finetune.recipe.schema import Recipe, RewardSpec
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import RewardSpec
 from finetune.rl.rewards import score_pairs
 
 

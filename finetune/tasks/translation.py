@@ -26,7 +26,8 @@ from finetune.training import session
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
 from finetune.tasks.metrics import generation_metrics
-from finetune.recipe.schema import Recipe, TranslationSpec
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import TranslationSpec
 from finetune.data.sources import load_source
 
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",

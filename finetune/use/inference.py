@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.recipe.schema import Recipe, read_recipe_file
+from finetune.recipe.load import read_recipe_file
+from finetune.recipe.schema import Recipe
 from finetune.recipe.tasks import load_task
 
 
