@@ -116,3 +116,9 @@ def test_imports_run_down_the_wings():
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
 
+
+
+def test_no_module_over_400_lines():
+    long = {str(f.relative_to(PACKAGE)): n for f in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > LONGEST}
+    assert long == {}
