@@ -123,10 +123,10 @@ def run_one(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
 
     from peak_memory import peak_memory_callback  # benchmarks/, next to this script
 
-    from finetune.training.extras import kernel_problems
     from finetune.models.memory import estimate
     from finetune.recipe.load import build_recipe
     from finetune.tasks import clm
+    from finetune.training.extras import kernel_problems
 
     spec = {"method": "lora", "model": {"name": str(model_dir), "tokenizer": str(model_dir / "tokenizer")},
             "data": {"train": str(data), "max_length": args.seq, "eval_fraction": 0.0},

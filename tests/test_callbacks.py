@@ -51,8 +51,8 @@ def test_best_needs_evaluations(tiny_gpt, toy_text, tmp_path):
 
 
 def test_default_metric_per_task():
-    from finetune.training.callbacks import best_metric
     from finetune.recipe.load import build_recipe
+    from finetune.training.callbacks import best_metric
 
     def metric(task, **train):
         return best_metric(build_recipe({"task": task, "model": {"name": "m"}, "data": {"train": "d"},

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import REPO, invoke
 from finetune.errors import UserError
-from finetune.run.chain import build_chain, resolve_chain
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
+from finetune.run.chain import build_chain, resolve_chain
 from rlhf_helpers import write_preferences
 from rlhf_helpers import one_thread  # noqa: F401 (an autouse fixture)
 

@@ -426,8 +426,8 @@ def test_label_names_ids_and_order(tmp_path):
     and NaN / None count as missing."""
     import datasets
 
-    from finetune.recipe.task_sections import ClassificationSpec
     from finetune.data.labels import label_id, label_names
+    from finetune.recipe.task_sections import ClassificationSpec
 
     ints = datasets.Dataset.from_dict({"label": [10, 2, 2, 1]})
     assert label_names(ints, ClassificationSpec()) == (["1", "2", "10"], False)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import finish, invoke, start
-from finetune.launch.relaunch import free_port
 from finetune.launch.presets import preset_names, preset_path
+from finetune.launch.relaunch import free_port
 
 
 def accelerate_launch_env(config_file: str, *flags: str) -> tuple[object, dict[str, str]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import invoke, write_jsonl, toy_sentences
+from finetune.recipe.load import build_recipe
 from finetune.training import extras
 from finetune.training.extras import kernel_problems
-from finetune.recipe.load import build_recipe
 
 
 def errors(stderr: str) -> list[str]:

@@ -91,8 +91,8 @@ def test_fit_keeps_a_recipe_that_fits(tiny_llama, toy_text, tmp_path, monkeypatc
 
 
 def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.training.fit import fit_to_memory
     from finetune.models.memory import estimate, fmt
+    from finetune.training.fit import fit_to_memory
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     full = estimate(recipe).tensors
@@ -111,9 +111,9 @@ def test_fit_halves_the_batch_and_keeps_the_effective_batch(tiny_llama, toy_text
 def test_a_tight_fit_returns_freed_blocks_to_the_system(tiny_llama, toy_text, tmp_path, monkeypatch, capsys):
     """Room for the tensors but not for glibc's slack: freed blocks go back at once (slower steps); with room
     to spare the allocator is left alone (fast)."""
-    from finetune.training import fit
     from finetune.launch import headroom
     from finetune.models.memory import estimate
+    from finetune.training import fit
 
     turned_on = []
     monkeypatch.setattr(headroom, "keep_large_blocks_apart", lambda: turned_on.append(1) or True)
@@ -129,8 +129,8 @@ def test_a_tight_fit_returns_freed_blocks_to_the_system(tiny_llama, toy_text, tm
 
 
 def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llama, toy_text, tmp_path, monkeypatch):
-    from finetune.training.fit import fit_to_memory
     from finetune.models.memory import estimate
+    from finetune.training.fit import fit_to_memory
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     one = recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 1})})
@@ -143,8 +143,8 @@ def test_fit_turns_on_gradient_checkpointing_when_one_row_does_not_fit(tiny_llam
 
 def test_nothing_fits_is_one_line_with_the_numbers(tiny_llama, toy_text, tmp_path, monkeypatch):
     from finetune.errors import UserError
-    from finetune.training.fit import fit_to_memory
     from finetune.models.memory import estimate, fmt
+    from finetune.training.fit import fit_to_memory
 
     recipe = llama_recipe(tiny_llama, toy_text, tmp_path)
     smallest = recipe.model_copy(update={"train": recipe.train.model_copy(update={
@@ -308,8 +308,8 @@ def test_a_live_run_is_not_called_killed(tmp_path):
 
 
 def test_bf16_is_the_default_where_the_device_runs_it_natively(tiny_gpt, toy_text, tmp_path, monkeypatch, capsys):
-    from finetune.training import precision
     from finetune.recipe.load import build_recipe
+    from finetune.training import precision
 
     recipe = build_recipe({"model": {"name": tiny_gpt}, "data": {"train": toy_text}})
     assert recipe.train.bf16 is None

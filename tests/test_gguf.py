@@ -190,8 +190,8 @@ def test_gguf_file_in_a_hub_repo_is_the_recipe_field(tiny_gguf, cache, monkeypat
 
     import huggingface_hub
 
-    from finetune.models import pretrained
     from finetune.errors import UserError
+    from finetune.models import pretrained
     from finetune.recipe.sections import ModelSpec
 
     snapshot = tmp_path / "snapshots" / "0123abcd"

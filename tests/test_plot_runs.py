@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import invoke
-from finetune.hub import plot
 from finetune.errors import UserError
+from finetune.hub import plot
 
 
 def write_run(path, log, metrics=None, recipe="task: clm\nmethod: lora\nmodel:\n  name: gpt2\n", marker=None):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.training import session
 from finetune.recipe.load import build_recipe
+from finetune.training import session
 
 
 def arguments(tmp_path, task: str, **sets):

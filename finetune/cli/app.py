@@ -17,11 +17,11 @@ import typer
 from finetune import __version__
 from finetune.cli import tools
 from finetune.cli import use
-from finetune.cli.tools import print_plan
 from finetune.cli.common import (Bf16Opt, DataOpt, MethodOpt, DebugOpt, DistOpt, EpochsOpt, EvalOpt, Fp16Opt, IpOpt,
                                  MachinesOpt, ModelOpt, OutputOpt, OverwriteOpt, PortOpt, ProcsOpt, QuantOpt,
                                  RankOpt, RecipeArg, ResumeOpt, SetOpt, StepsOpt, TaskOpt, TASK_HELP, env_defaults,
                                  flag_overrides, guarded, resolve_recipe, scale_overrides)
+from finetune.cli.tools import print_plan
 from finetune.errors import UserError
 from finetune.recipe.tasks import load_task
 

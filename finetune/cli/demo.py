@@ -94,11 +94,11 @@ def write_data(data_dir: Path, n_stories: int = 6000, seed: int = 0) -> tuple[Pa
 
 
 def run_demo(out: Path, overwrite: bool = False) -> None:
+    from finetune.recipe.load import load_recipe
+    from finetune.run.lifecycle import execute
     from finetune.training import checkpoints
     from finetune.training import rundir
     from finetune.use.inference import generate_text
-    from finetune.recipe.load import load_recipe
-    from finetune.run.lifecycle import execute
 
     pre_dir, lora_dir = out / "pretrain", out / "lora"
     if out.exists() and any(out.iterdir()):
@@ -177,9 +177,9 @@ def write_chat_data(data_dir: Path, seed: int = 0) -> Path:
 
 def chat_step(out: Path, pre_dir: Path, chat_dir: Path, overwrite: bool = False) -> tuple[str, dict, int, int]:
     """Train the chat adapter on the pre-trained model, then hold two-question chats about held-out animals."""
-    from finetune.use.inference import generate_ids, load_for_generation, prompt_ids
     from finetune.recipe.load import load_recipe
     from finetune.run.lifecycle import execute
+    from finetune.use.inference import generate_ids, load_for_generation, prompt_ids
 
     data = write_chat_data(out / "data")
     cmd = f"finetune lora tiny-gpt-lora-chat --model {pre_dir} --data {data} -o {chat_dir}"

@@ -33,8 +33,8 @@ def print_plan(recipe, capacity_gib: float | None = None, seq: int | None = None
     """The memory estimate (`seq`: tokens per row, where the data decides it), and a warning when it does not
     fit one device."""
     from finetune.models.memory import estimate, fit_problems, report
-    from finetune.training.precision import resolve_precision
     from finetune.models.quantization import check_quantizable, skeleton
+    from finetune.training.precision import resolve_precision
 
     recipe = resolve_precision(recipe)
 

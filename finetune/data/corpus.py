@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.data import chat
 from finetune.data import cache
+from finetune.data import chat
 from finetune.data import sources
 from finetune.data import text as D
 from finetune.errors import UserError

@@ -13,9 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from finetune.data.sources import load_source
 from finetune.errors import UserError
 from finetune.recipe.sections import DataSpec
-from finetune.data.sources import load_source
 
 def text_problems(ds, column: str, key: str, source: str) -> list[str]:
     """A text column must hold strings: numbers or lists (or a mix) are named with their first row. A column

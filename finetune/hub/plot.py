@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.hub.card import DISTRIBUTION
 from finetune.errors import UserError
+from finetune.hub.card import DISTRIBUTION
 
 # panel title -> the log.jsonl key it draws
 PANELS = {"train loss": "loss", "eval loss": "eval_loss", "learning rate": "learning_rate",

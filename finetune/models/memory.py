@@ -133,8 +133,8 @@ def device_capacity() -> float | None:
 def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int | None = None) -> Estimate:
     """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given; seq:
     tokens per row when the data decides it, as packing does)."""
-    from finetune.models.adapters import lora_config
     from finetune.launch.presets import preset_kind
+    from finetune.models.adapters import lora_config
     from finetune.models.quantization import quantizable_layers, skeleton
 
     model = model if model is not None else skeleton(recipe.model, recipe.task)

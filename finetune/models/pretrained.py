@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError, first_line
-from finetune.models.gguf import is_gguf, plain_model
 from finetune.launch.offline import hub_reachable, unreachable_reason
+from finetune.models.gguf import is_gguf, plain_model
 from finetune.recipe.sections import ModelSpec, QuantSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",

@@ -35,12 +35,12 @@ from torch import nn
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, pad, selective_log_softmax
 
-from finetune.training import guards
-from finetune.training.checkpoints import checkpoint_step, write_manifest
-from finetune.rl.ppo_math import (gae, kl_k1, masked_mean, masked_whiten, policy_loss, positions, prompt_indices,
-                               response_mask, token_rewards, value_loss)
 from finetune.recipe.sections import TrainSpec
 from finetune.recipe.task_sections import PpoSpec
+from finetune.rl.ppo_math import (gae, kl_k1, masked_mean, masked_whiten, policy_loss, positions, prompt_indices,
+                               response_mask, token_rewards, value_loss)
+from finetune.training import guards
+from finetune.training.checkpoints import checkpoint_step, write_manifest
 from finetune.training.runlog import append_log, trim_log
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.data import text as D
+from finetune.data.sources import load_source
+from finetune.errors import UserError, first_line
 from finetune.models import pretrained
 from finetune.models.adapters import is_adapter_dir
-from finetune.errors import UserError, first_line
 from finetune.recipe.schema import Recipe
 from finetune.rl.rewards import is_chat
-from finetune.data.sources import load_source
 
 PREFERENCE_FORMAT = ("preference data needs the columns chosen and rejected (and usually prompt), as plain "
                      "text or as chat messages (trl's standard formats)")

@@ -35,14 +35,14 @@ from typing import Any
 
 import yaml
 
-from finetune.training import rundir
 from finetune.data import sources
-from finetune.training.checkpoints import latest
 from finetune.errors import Stopped, UserError, did_you_mean
 from finetune.recipe.load import build_recipe, find_recipe, parse_override, read_recipe_file, set_dotted
 from finetune.recipe.schema import Recipe
-from finetune.run.lifecycle import execute
 from finetune.recipe.tasks import METHODS
+from finetune.run.lifecycle import execute
+from finetune.training import rundir
+from finetune.training.checkpoints import latest
 
 SHOWN = ("final_train_loss", "eval_loss", "eval_accuracy", "eval_margin", "margin_start", "margin_end",
          "reward_start", "reward_end", "eval_reward")

@@ -18,13 +18,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from finetune.training import checkpoints
-from finetune.training import guards
-from finetune.training import rundir
 from finetune.errors import Stopped, UserError
 from finetune.launch.offline import use_offline_defaults as env_defaults
 from finetune.recipe.schema import Recipe
 from finetune.recipe.tasks import load_task, task_info
+from finetune.training import checkpoints
+from finetune.training import guards
+from finetune.training import rundir
 from finetune.training.session import is_main_process, launched_child, world_size
 
 def command_verb(recipe: Recipe) -> str:
@@ -69,9 +69,9 @@ def owns_run_dir(recipe: Recipe) -> bool:
 
 def preflight(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Everything that can fail before training, checked before anything is created or deleted."""
-    from finetune.models import pretrained
     from finetune.data import sources
     from finetune.launch.relaunch import check_distributed
+    from finetune.models import pretrained
     from finetune.training.precision import check_precision
 
     if owns_run_dir(recipe):

@@ -26,15 +26,15 @@ import random
 import warnings
 from pathlib import Path
 
-from finetune.data import text as D
 from finetune.data import images
-from finetune.models import pretrained
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
 from finetune.errors import UserError, first_line
-from finetune.tasks.metrics import generation_metrics
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
 from finetune.recipe.task_sections import CaptioningSpec
+from finetune.tasks.metrics import generation_metrics
+from finetune.training import session
 
 CAPTION_TOKENS = 64  # data.max_length when unset
 NEW_MODULES = ("crossattention", "ln_cross_attn", "enc_to_dec_proj")  # created when two checkpoints are joined

@@ -21,14 +21,14 @@ import json
 from pathlib import Path
 
 from finetune.data import text as D
-from finetune.models import pretrained
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
-from finetune.errors import UserError, raise_if
-from finetune.recipe.schema import Recipe
-from finetune.recipe.task_sections import ClassificationSpec
 from finetune.data.labels import label_counts, label_id, label_names, label_problems, missing_labels, plain_label
 from finetune.data.sources import load_source
+from finetune.errors import UserError, raise_if
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import ClassificationSpec
+from finetune.training import session
 
 LABELS_FILE = "labels.json"  # label names in id order (the adapter does not store id2label), and
 # whether integer labels in data are indices into them (else they are names: 1..5 stars -> "1".."5")

@@ -22,14 +22,14 @@ from pathlib import Path
 
 from finetune.data import chat
 from finetune.data import corpus
-from finetune.models import pretrained
-from finetune.training import session
 from finetune.data import text as D
-from finetune.models.adapters import apply_lora, is_adapter_dir, save_adapter
-from finetune.errors import UserError
-from finetune.training.fit import fit_to_memory
-from finetune.recipe.schema import Recipe
 from finetune.data.sources import load_source
+from finetune.errors import UserError
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir, save_adapter
+from finetune.recipe.schema import Recipe
+from finetune.training import session
+from finetune.training.fit import fit_to_memory
 
 CHAT_FILE = "chat.json"  # in a run trained on chat data: `generate` and `chat` apply the template
 
@@ -132,7 +132,8 @@ def prepare_data(recipe: Recipe, resume: bool = False):
     #    chat template set for conversations, tokenized (text with eos after every document, other formats
     #    with labels -100 outside the trained tokens), mixed, and packed into blocks of max_length tokens.
     #    Cached for the next run on the same data, or streamed (finetune/corpus.py).
-    config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else pretrained.load_config(recipe.model)
+    config = (pretrain_config(recipe, tokenizer) if recipe.method == "pretrain"
+              else pretrained.load_config(recipe.model))
     if d.packing:
         refuse_packing_without_boundaries(config)
     max_length = pretrained.max_length(d.max_length, config)
@@ -241,7 +242,8 @@ def check(recipe: Recipe) -> tuple:
     if tokenizer.pad_token_id is None:
         notes.append("tokenizer: no pad token; eos pads (labels are masked by position, so eos is still learned)")
     try:
-        config = pretrain_config(recipe, tokenizer) if recipe.method == "pretrain" else pretrained.load_config(recipe.model)
+        config = (pretrain_config(recipe, tokenizer) if recipe.method == "pretrain"
+              else pretrained.load_config(recipe.model))
         max_length = pretrained.max_length(d.max_length, config)
     except UserError as e:
         return problems + e.problems, notes

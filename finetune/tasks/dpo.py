@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.errors import UserError, first_line
 from finetune.models import pretrained
+from finetune.models.adapters import is_adapter_dir, lora_config
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import DpoSpec
 from finetune.rl import rlhf
 from finetune.training import runlog
 from finetune.training import session
-from finetune.models.adapters import is_adapter_dir, lora_config
-from finetune.errors import UserError, first_line
-from finetune.recipe.schema import Recipe
-from finetune.recipe.task_sections import DpoSpec
 
 # DPO moves far on small rates: these are trl's defaults (full) and a common LoRA choice.
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}

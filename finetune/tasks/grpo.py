@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.models import pretrained
-from finetune.rl import rlhf
-from finetune.training import runlog
-from finetune.training import session
 from finetune.models.adapters import apply_lora
 from finetune.recipe.schema import Recipe
 from finetune.recipe.task_sections import GrpoSpec
+from finetune.rl import rlhf
 from finetune.rl.rewards import load_reward
+from finetune.training import runlog
+from finetune.training import session
 
 DEFAULT_LR = {"lora": 1e-5, "full": 1e-6}  # trl's default (full) and a common LoRA choice
 

@@ -23,14 +23,14 @@ import json
 import random
 from pathlib import Path
 
-from finetune.data import text as D
 from finetune.data import images
-from finetune.models import pretrained
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.data import text as D
 from finetune.errors import UserError
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
 from finetune.recipe.task_sections import ImageClassificationSpec
+from finetune.training import session
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:

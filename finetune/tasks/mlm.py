@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.data import text as D
-from finetune.models import pretrained
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError, first_line
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
 from finetune.recipe.sections import ModelSpec
 from finetune.recipe.task_sections import MlmSpec
+from finetune.training import session
 
 # BERT sizes for `finetune pretrain --task mlm` (the BERT miniatures of Turc et al., 2019, and BERT-base).
 BERT_PRESETS: dict[str, dict[str, int]] = {

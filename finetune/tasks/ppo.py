@@ -25,14 +25,14 @@ import math
 from pathlib import Path
 
 from finetune.data import text as D
+from finetune.errors import UserError, raise_if
 from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.recipe.schema import Recipe
+from finetune.recipe.task_sections import PpoSpec
 from finetune.rl import rlhf
 from finetune.training import session
 from finetune.training.runlog import read_log
-from finetune.models.adapters import apply_lora, is_adapter_dir
-from finetune.errors import UserError, raise_if
-from finetune.recipe.schema import Recipe
-from finetune.recipe.task_sections import PpoSpec
 
 # Lower than SFT rates: each iteration re-fits the policy to its own samples several times.
 PPO_LEARNING_RATE = {"lora": 3e-5, "full": 3e-6}

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.models import pretrained
-from finetune.rl import rlhf
-from finetune.training import runlog
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.errors import UserError
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
 from finetune.recipe.task_sections import RewardSpec
+from finetune.rl import rlhf
 from finetune.rl.rewards import score_pairs
+from finetune.training import runlog
+from finetune.training import session
 
 
 def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:

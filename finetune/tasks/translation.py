@@ -21,14 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.data import text as D
-from finetune.models import pretrained
-from finetune.training import session
-from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.data.sources import load_source
 from finetune.errors import UserError
-from finetune.tasks.metrics import generation_metrics
+from finetune.models import pretrained
+from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
 from finetune.recipe.task_sections import TranslationSpec
-from finetune.data.sources import load_source
+from finetune.tasks.metrics import generation_metrics
+from finetune.training import session
 
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
              "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "cs": "Czech", "fi": "Finnish", "tr": "Turkish",

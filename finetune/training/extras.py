@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.training.callbacks import NOT_TRAINER_TASKS, best_model_fields, best_problems
-from finetune.hub.card import DISTRIBUTION
 from finetune.errors import UserError
+from finetune.hub.card import DISTRIBUTION
 from finetune.recipe.schema import Recipe
+from finetune.training.callbacks import NOT_TRAINER_TASKS, best_model_fields, best_problems
 
 # tracker -> (modules, any of which will do; the extra that installs one)
 TRACKER_MODULES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",),

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.training.checkpoints import checkpoint_step  # noqa: F401  (the tasks' resume step)
 from finetune.errors import UserError, did_you_mean
 from finetune.recipe.schema import Recipe
+from finetune.training.checkpoints import checkpoint_step  # noqa: F401  (the tasks' resume step)
 from finetune.training.runlog import append_log, last_logged, read_log, trim_log, whole_run
 
 
