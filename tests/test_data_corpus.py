@@ -163,7 +163,7 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
     """Stopped at step 6 and resumed: the resumed run trains on exactly the batches the uninterrupted run
     trained on after step 6 (no repeats, no gaps), ends with the same weights, and continues the stream
     from its saved state: it re-reads only the rows of its current chunk, not those before it."""
-    from test_run import assert_same_weights, at_step, sigterm
+    from test_run_lifecycle import assert_same_weights, at_step, sigterm
 
     from finetune.data import text as D
     from finetune.errors import Stopped
@@ -198,7 +198,7 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
 def test_a_stream_that_runs_out_starts_again_and_resumes_in_its_repetition(tiny_gpt, tmp_path, monkeypatch):
     """40 rows last about two steps: the stream starts again (the same blocks in the same order), and a
     run stopped in its third pass resumes there, not at the first pass's saved position."""
-    from test_run import assert_same_weights, at_step, sigterm
+    from test_run_lifecycle import assert_same_weights, at_step, sigterm
 
     from finetune.errors import Stopped
     from finetune.run.lifecycle import execute, resolve
@@ -377,7 +377,7 @@ def test_a_two_process_stream_stops_and_resumes_bit_exact(tiny_gpt, tmp_path):
     --resume, ends with the weights of an uninterrupted two-process run (the stream runs out and starts
     again on the way: 3,000 short rows, 120 steps)."""
     from conftest import finish, start
-    from test_run import assert_same_weights, stop_with_sigterm
+    from test_run_lifecycle import assert_same_weights, stop_with_sigterm
 
     data = numbered(tmp_path / "a.jsonl", "red", 3000)
     common = ["full", "--model", tiny_gpt, "--data", data, "--max-steps", "120", "-n", "2",

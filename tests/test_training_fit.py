@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 from conftest import cli_env, invoke, write_jsonl
-from test_clm_chat import conversations
+from test_tasks_clm_chat import conversations
 
 GiB = 2**30
 
@@ -334,7 +334,7 @@ def test_bf16_is_the_default_where_the_device_runs_it_natively(tiny_gpt, toy_tex
 
 def test_a_run_that_fits_trains_exactly_as_without_the_fit(tiny_gpt, toy_text, tmp_path):
     """Fitting builds the model's skeleton (and an adapter on it): the run's random stream must not move."""
-    from test_clm import losses, train
+    from test_tasks_clm import losses, train
 
     train(tiny_gpt, toy_text, tmp_path / "fit", steps=6, **{"train.logging_steps": 1})
     train(tiny_gpt, toy_text, tmp_path / "as-set", steps=6, **{"train.logging_steps": 1, "train.fit_memory": "false"})

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from conftest import ANIMALS, COLORS, PLACES, invoke, write_jsonl
-from test_clm import losses, train
+from test_tasks_clm import losses, train
 
 ANSWERS = ["on the mat.", "on the tree.", "the dog."]
 WORDS = COLORS + ANIMALS + PLACES
@@ -150,7 +150,7 @@ def test_packed_blocks_keep_the_masks(tiny_gpt):
 
 def test_training_tokenizes_text_as_generation_does_with_bos(tiny_gpt):
     import datasets
-    from test_chat import with_bos
+    from test_data_chat import with_bos
     from transformers import AutoTokenizer
 
     from finetune.data import text as D
