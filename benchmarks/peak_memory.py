@@ -1,5 +1,5 @@
-"""Measuring the peak memory of a training run, to check `finetune.memory.estimate` against
-(tests/test_memory.py and benchmarks/scale_out.py). Not part of the package: it slows training down
+"""Measuring the peak memory of a training run, to check `finetune.models.memory.estimate` against
+(tests/test_models_memory.py and benchmarks/scale_out.py). Not part of the package: it slows training down
 on CPU, where it counts every tensor storage.
 
     from peak_memory import peak_memory_callback

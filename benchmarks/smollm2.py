@@ -198,7 +198,7 @@ def generate(args) -> None:
 
 def peak_rss(cmd: list[str], tight: bool) -> tuple[int, float]:
     """(exit code, peak resident GiB) of a command, measured by a process of its own that runs only it; `tight`:
-    glibc's mmap threshold fixed at 1 MiB, as a run does when its memory is tight (finetune/fit.py)."""
+    glibc's mmap threshold fixed at 1 MiB, as a run does when its memory is tight (finetune/training/fit.py)."""
     wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
                "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     environ = {**env(), **({"MALLOC_MMAP_THRESHOLD_": str(2**20)} if tight else {})}

@@ -16,7 +16,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fastest, and ranks do not compete
 # train.bf16 unset means float32 here (on a GPU or an AMX CPU it would mean bf16): the same numbers everywhere;
-# tests/test_fit.py checks the machine-dependent default itself
+# tests/test_training_fit.py checks the machine-dependent default itself
 os.environ["FINETUNE_BF16"] = "0"
 # a datasets cache of this session's own (finetune keeps prepared data there): runs never see a user's entries
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="finetune-datasets-")

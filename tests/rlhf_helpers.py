@@ -116,7 +116,7 @@ def good_rate(model_dir: str) -> float:
 
 
 def mean_reward(model_dir: str, reward_source: str) -> float:
-    """Mean reward of sampled completions, scored by a reward source (finetune.rewards.load_reward)."""
+    """Mean reward of sampled completions, scored by a reward source (finetune.rl.rewards.load_reward)."""
     from finetune.rl.rewards import load_reward
 
     scores = load_reward(reward_source)(*samples(model_dir))

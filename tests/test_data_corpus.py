@@ -1,4 +1,4 @@
-"""Data at scale (corpus.py, sources.py, cache.py): mixtures, streaming, the prepared-data cache."""
+"""Data at scale (data/corpus.py, data/sources.py, data/cache.py): mixtures, streaming, the prepared-data cache."""
 
 from __future__ import annotations
 

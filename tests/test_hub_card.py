@@ -1,4 +1,4 @@
-"""The model card (finetune/card.py): valid Hub metadata that round-trips through huggingface_hub's
+"""The model card (finetune/hub/card.py): valid Hub metadata that round-trips through huggingface_hub's
 ModelCard.load, the metrics table, the recipe, the curves picture and the distribution's own link."""
 
 from __future__ import annotations

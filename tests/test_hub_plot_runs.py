@@ -1,5 +1,5 @@
-"""`finetune plot` (finetune/plot.py: the data handed to matplotlib, not pixels) and `finetune runs`
-(finetune/runs.py: task, method, base, steps, metrics, status of each run under a folder)."""
+"""`finetune plot` (finetune/hub/plot.py: the data handed to matplotlib, not pixels) and `finetune runs`
+(finetune/run/listing.py: task, method, base, steps, metrics, status of each run under a folder)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`finetune push` / train.push_to_hub (finetune/push.py), against a fake huggingface_hub API object:
+"""`finetune push` / train.push_to_hub (finetune/hub/push.py), against a fake huggingface_hub API object:
 the selection has the model, tokenizer, card, recipe, metrics and log, never checkpoints or secrets."""
 
 from __future__ import annotations

@@ -109,6 +109,14 @@ def test_every_package_folder_is_a_wing():
     assert sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()) == sorted(WINGS)
 
 
+def test_each_wing_says_what_it_may_import():
+    for i, wing in enumerate(WINGS):
+        doc = " ".join(ast.get_docstring(ast.parse((PACKAGE / wing / "__init__.py").read_text())).split())
+        below = WINGS[i + 1:]
+        said = f"May import the wings below it ({', '.join(below)}) and errors." if below else "May import errors only."
+        assert said in doc, f"finetune/{wing}/__init__.py: {doc}"
+
+
 def test_imports_run_down_the_wings():
     assert upward(import_graph()) == []
 

@@ -1,4 +1,4 @@
-"""LoRA variants through peft (finetune/adapters.py): DoRA, rsLoRA and PiSSA train, the saved adapter
+"""LoRA variants through peft (finetune/models/adapters.py): DoRA, rsLoRA and PiSSA train, the saved adapter
 loads on the ORIGINAL base as the model that was trained, and merging gives the same logits; trainable
 token rows; each impossible combination refused before loading, by its text. And the default targets:
 every linear layer of the blocks (attention and MLP), never the head."""

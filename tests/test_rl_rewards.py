@@ -1,4 +1,4 @@
-"""Reward sources (finetune/rewards.py): module:function and reward-model directories, scored with
+"""Reward sources (finetune/rl/rewards.py): module:function and reward-model directories, scored with
 the convention the reward model is trained with (prompt + response + eos, right padding)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The run lifecycle (run.py, rundir.py, checkpoints.py, guards.py): nothing a user made is lost.
+"""The run lifecycle (run/lifecycle.py, training/rundir.py, training/checkpoints.py, training/guards.py):
+nothing a user made is lost.
 
 Interruptions and divergence are made deterministic with a callback that sends SIGTERM to this
 process, or poisons a weight, at a chosen step; the real CLI is checked once with a real signal.

@@ -1,4 +1,4 @@
-"""Early stopping and the best checkpoint (finetune/callbacks.py): on a toy task whose eval loss rises
+"""Early stopping and the best checkpoint (finetune/training/callbacks.py): on a toy task whose eval loss rises
 from the first evaluation, the run stops after `patience` worse evaluations and saves the best one."""
 
 from __future__ import annotations

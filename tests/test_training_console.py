@@ -1,4 +1,4 @@
-"""The console (finetune/console.py): off a terminal, one line per logging step and no carriage
+"""The console (finetune/training/console.py): off a terminal, one line per logging step and no carriage
 returns; raw log dicts never printed; on a terminal, one bar per phase with the figures in it."""
 
 from __future__ import annotations

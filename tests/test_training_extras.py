@@ -1,4 +1,4 @@
-"""Trackers, kernels and attention as typed recipe keys (finetune/extras.py): TensorBoard event files in
+"""Trackers, kernels and attention as typed recipe keys (finetune/training/extras.py): TensorBoard event files in
 the run directory; every impossible choice refused before anything loads, by its text."""
 
 from __future__ import annotations

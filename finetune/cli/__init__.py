@@ -1,2 +1,3 @@
 """The command line: the Typer app and its verbs, which turn flags into a recipe and hand it to the run
-lifecycle. Imports every wing below it; nothing heavy (torch, transformers) at module level."""
+lifecycle; nothing heavy (torch, transformers) imported at start. May import the wings below it (run, tasks,
+rl, use, training, hub, data, models, recipe, launch) and errors."""

@@ -1,7 +1,7 @@
 """The `finetune` command line: the app, the training verbs, chain, validate and demo.
 
 Commands that use a trained run live in use.py, the tools around runs in tools.py, and what
-they all share (the error contract, option types, flags -> overrides) in cli_common.py; they are
+they all share (the error contract, option types, flags -> overrides) in cli/common.py; they are
 registered here, in the order `finetune --help` lists them. Nothing heavy is imported at module
 level (no torch, no transformers), so `finetune --help` answers at once; each command imports what
 it needs when it runs.

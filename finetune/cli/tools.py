@@ -1,6 +1,6 @@
 """Commands around runs: env, plan, prepare, launch-config, recipes (list, show, copy), push, plot, runs.
 
-Registered on the app in cli.py; each imports what it needs when it runs.
+Registered on the app in cli/app.py; each imports what it needs when it runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Commands that use a trained run: generate, chat, merge, fill-mask, predict, translate, caption.
 
-Registered on the app in cli.py; each imports what it needs when it runs.
+Registered on the app in cli/app.py; each imports what it needs when it runs.
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""Sources and mixtures, text and chat rendering (the loss masks), the packed corpus, the prepared-data
-cache and images. Imports models, recipe and launch."""
+"""Sources and mixtures, text and chat rendering (the loss masks), the packed corpus, the prepared-data cache,
+images and labels. May import the wings below it (models, recipe, launch) and errors."""

@@ -11,7 +11,7 @@
 5. Blocks: whole documents packed into rows of data.max_length tokens (`data.packed_dataset`); unset, the
    smallest power of two that holds the longest example, at most 1,024 (`data.fitted_block`).
 
-Not streaming, the result is cached (`datacache`): with several processes the first one on each
+Not streaming, the result is cached (data/cache.py): with several processes the first one on each
 machine prepares it while the others wait, then they load it; a second run on the same data loads
 it in seconds. Streaming (data.streaming), nothing is materialised: the same steps run lazily as
 training reads, and each process reads its own part of the stream (`sources.rank_part`).
@@ -95,7 +95,7 @@ def first_process():
 
 
 def key_parts(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> dict[str, Any]:
-    """Everything that decides the prepared rows (see `datacache`)."""
+    """Everything that decides the prepared rows (see data/cache.py)."""
     d = recipe.data
     template = Path(d.chat_template).expanduser() if d.chat_template else None
     return {"task": recipe.task, "data": d.model_dump(exclude={"streaming", "num_proc", "cache", "shuffle_buffer"}),

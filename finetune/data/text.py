@@ -201,7 +201,7 @@ def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: 
 
 def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, num_proc: int | None = None):
     """input_ids and labels per prompt/completion or conversation row (labels -100 outside the trained
-    tokens, see `finetune.chat`). Longer rows are cut to `max_length` (a conversation split in two would
+    tokens, see `finetune.data.chat`). Longer rows are cut to `max_length` (a conversation split in two would
     train answers without their question); rows left with nothing to train on are dropped, with a warning."""
     import datasets
 

@@ -1,2 +1,2 @@
-"""What a run publishes: the model card, plots of its curves, the push to the Hub. Imports data, models,
-recipe and launch."""
+"""What a run publishes: the model card, plots of its curves, the push to the Hub. May import the wings below it
+(data, models, recipe, launch) and errors."""

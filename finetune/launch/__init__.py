@@ -1,2 +1,2 @@
-"""Processes and machines: accelerate presets and relaunching as N ranks, replicas, the environment,
-the memory a machine offers and whether the Hub is reachable. Imports nothing above errors."""
+"""Processes and machines: accelerate presets and relaunching as N ranks, replicas, the environment, the memory a
+machine offers and whether the Hub is reachable. May import errors only."""

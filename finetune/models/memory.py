@@ -1,4 +1,4 @@
-"""Memory: what a run will need, and what to do when it does not fit (precision is finetune/precision.py).
+"""Memory: what a run will need, and what to do when it does not fit (precision is finetune/training/precision.py).
 
     finetune plan --model Qwen/Qwen2.5-0.5B --quant 4bit --bf16 --set train.batch_size=8 --set data.max_length=1024
     finetune lora ... --set train.max_memory_gib=12    # fit the batch to 12 GiB (unset: what is free)
@@ -7,7 +7,7 @@
 device: exact parameter counts, no weights read): weights, gradients and AdamW state of what trains,
 activations of one micro-batch, the logits and loss, the share a distributed preset keeps per device, and
 on CPU the process itself. Checked against measured peaks (live tensors, resident memory, and on CUDA
-`torch.cuda.max_memory_allocated`; BENCHMARKS.md). finetune/fit.py fits a run to the memory that is free.
+`torch.cuda.max_memory_allocated`; BENCHMARKS.md). finetune/training/fit.py fits a run to the memory that is free.
 """
 
 from __future__ import annotations

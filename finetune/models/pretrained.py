@@ -3,7 +3,7 @@
 Every task picks its Auto class and calls `load_model(recipe.model, AutoModelFor...)`;
 pre-training builds a model from a size preset or a config file with `model_from_config`.
 `model_source` is the one place model.name becomes something transformers loads: a GGUF file
-(model.name itself, or model.gguf_file inside it) becomes its cached plain folder (finetune.gguf).
+(model.name itself, or model.gguf_file inside it) becomes its cached plain folder (finetune.models.gguf).
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""Preference and prompt data, reward sources, our PPO trainer and its maths: what the RLHF tasks share.
-Imports training, hub, data, models, recipe and launch."""
+"""What the RLHF tasks share: preference and prompt data, the policy, reward sources, our PPO trainer and its
+maths. May import the wings below it (use, training, hub, data, models, recipe, launch) and errors."""

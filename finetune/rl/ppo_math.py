@@ -1,4 +1,4 @@
-"""The arithmetic of PPO on response tokens, as plain functions of tensors (tests/test_ppo_math.py checks
+"""The arithmetic of PPO on response tokens, as plain functions of tensors (tests/test_rl_ppo_math.py checks
 each against numbers worked out by hand). `ppo_trainer.PpoTrainer` calls them in this order:
 
     response_mask    which sampled tokens belong to the response (up to and including the first eos)

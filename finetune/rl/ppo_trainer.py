@@ -253,7 +253,7 @@ class PpoTrainer:
                       f"entropy {metrics['entropy']:.3f}  length {metrics['response_length']:.1f}  "
                       f"policy_loss {metrics['policy_loss']:.4f}  value_loss {metrics['value_loss']:.4f}  "
                       f"clip {metrics['clip_fraction']:.3f}", flush=True)
-            # guards.py: a non-finite loss stops the run; SIGTERM/Ctrl-C save a checkpoint here and stop
+            # training/guards.py: a non-finite loss stops the run; SIGTERM/Ctrl-C save a checkpoint here and stop
             losses = [metrics["policy_loss"], metrics["value_loss"]]
             if not all(math.isfinite(v) for v in losses):
                 raise guards.Diverged(it + 1, f"the PPO losses are not finite (policy {losses[0]}, value {losses[1]})")

@@ -122,10 +122,10 @@ def reward_caller(fn, spec: str, key: str):
 
 
 def matches_answer(prompts: list, completions: list, answer: list | None = None, **kwargs) -> list[float]:
-    """A ready-made reward function, `finetune.rewards:matches_answer`: 1.0 when a completion starts
+    """A ready-made reward function, `finetune.rl.rewards:matches_answer`: 1.0 when a completion starts
     with its example's `answer` column (case and surrounding spaces ignored), else 0.0."""
     if answer is None:
-        raise UserError("reward: finetune.rewards:matches_answer needs an `answer` column in the data "
+        raise UserError("reward: finetune.rl.rewards:matches_answer needs an `answer` column in the data "
                         "(the expected answer of each prompt)")
     texts = [c[-1]["content"] if is_chat(c) else c for c in completions]
     return [float(bool(a.strip()) and t.strip().lower().startswith(a.strip().lower())) for t, a in zip(texts, answer)]

@@ -6,7 +6,7 @@ each stage's output feeding the next, each one resumable.
     finetune chain my-chain.yaml --set train.max_steps=20 --set stages.dpo.dpo.beta=0.2
 
 A chained recipe is a recipe with `stages:`. Its other fields are the defaults every stage starts
-from; each stage names the command it runs and what it changes (recipe.py, StageSpec):
+from; each stage names the command it runs and what it changes (recipe/schema.py, StageSpec):
 
     model: {name: gpt2}
     stages:

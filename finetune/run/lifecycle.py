@@ -6,7 +6,7 @@
                 distributed preset, quantisation, the model files, the data files, memory
     claim       only now is the run directory taken (rundir.Claim; --overwrite moves the old run
                 aside, deleted only when the new one finishes)
-    train       the task's `run` under guards (guards.py): SIGTERM/SIGINT save a checkpoint and stop,
+    train       the task's `run` under guards (training/guards.py): SIGTERM/SIGINT save a checkpoint and stop,
                 non-finite gradients stop the run; train.auto_batch_size retries on out-of-memory
     finish      run.json says finished, interrupted or failed; a failed start leaves nothing behind
 """

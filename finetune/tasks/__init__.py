@@ -1,5 +1,6 @@
 """One module per task, readable top to bottom: a runnable command, the recipe fields it uses, then
-`run(recipe)` in numbered steps. Imports rl, use and every wing below; never run/ or cli/.
+`run(recipe)` in numbered steps. May import the wings below it (rl, use, training, hub, data, models,
+recipe, launch) and errors.
 
 Each task is also one row of the registry (finetune/recipe/tasks.py), and provides `Task` below."""
 

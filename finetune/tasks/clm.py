@@ -9,7 +9,7 @@ Recipe fields used: model.*, data.format, data.*_column, data.chat_template, dat
 data.max_length, data.packing, lora.*, quant.*, train.*.
 The data format decides what carries the loss: plain text trains on every token; prompt/completion
 data on the completion; conversations (`messages`, ShareGPT `conversations`), rendered with the chat
-template, on the assistant's turns only (finetune/chat.py derives the mask).
+template, on the assistant's turns only (finetune/data/chat.py derives the mask).
 Pre-training builds a GPT-2 from a size preset or a config file and, when no tokenizer is given,
 trains a byte-level BPE tokenizer on the corpus.
 """
@@ -131,7 +131,7 @@ def prepare_data(recipe: Recipe, resume: bool = False):
     # 2. Data: every source read and checked in its format (text, prompt/completion, conversations), the
     #    chat template set for conversations, tokenized (text with eos after every document, other formats
     #    with labels -100 outside the trained tokens), mixed, and packed into blocks of max_length tokens.
-    #    Cached for the next run on the same data, or streamed (finetune/corpus.py).
+    #    Cached for the next run on the same data, or streamed (finetune/data/corpus.py).
     config = (pretrain_config(recipe, tokenizer) if recipe.method == "pretrain"
               else pretrained.load_config(recipe.model))
     if d.packing:

@@ -5,9 +5,9 @@ each pair scores above the rejected one (pairwise Bradley-Terry loss, trl's Rewa
     finetune reward --method full --model gpt2 --data prefs.jsonl -o runs/gpt2-reward
     finetune reward recipes/qwen2.5-0.5b-reward-ultrafeedback.yaml
 
-Data: prompt/chosen/rejected rows, plain text or chat messages (finetune/rlhf.py). Recipe fields:
+Data: prompt/chosen/rejected rows, plain text or chat messages (finetune/rl/rlhf.py). Recipe fields:
 model.*, data.*, lora.*, quant.*, train.*, reward.center_rewards. At the end the held-out pairs are
-scored exactly as `finetune ppo` / `finetune grpo` will score completions (finetune/rewards.py:
+scored exactly as `finetune ppo` / `finetune grpo` will score completions (finetune/rl/rewards.py:
 prompt + response + eos, right padding), and the run reports the pairwise accuracy (chosen scored
 above rejected) and the mean margin. The run directory is then a reward source: `reward: runs/...`.
 """

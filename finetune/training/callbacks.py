@@ -86,5 +86,5 @@ def run_callbacks(recipe: Recipe, debug: bool = False) -> list:
         return []
     from finetune.training.console import install
 
-    install()  # the Trainer's progress callback becomes finetune.console.ConsoleCallback
+    install()  # the Trainer's progress callback becomes finetune.training.console.ConsoleCallback
     return best_callbacks(recipe)

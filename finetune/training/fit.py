@@ -1,5 +1,5 @@
 """A run fitted to the memory there is: before training, the largest micro-batch that fits what this process
-may still use (finetune/headroom.py), then gradient checkpointing, grad_accum keeping the effective batch.
+may still use (finetune/launch/headroom.py), then gradient checkpointing, grad_accum keeping the effective batch.
 
     finetune lora ...                                    # fits itself, and says what it chose and why
     finetune lora ... --set train.max_memory_gib=12      # fit to 12 GiB in all
@@ -16,7 +16,7 @@ from finetune.recipe.schema import Recipe
 
 
 SPARE = 0.9  # of the free memory a run may plan to use: the allocator's fragmentation and what the estimate misses
-SLACK = 1.45  # CPU: glibc's heap keeps freed blocks, up to 1.43x the live tensors here (finetune/headroom.py)
+SLACK = 1.45  # CPU: glibc's heap keeps freed blocks, up to 1.43x the live tensors here (finetune/launch/headroom.py)
 
 
 def keep_tight(needed: float, budget: float) -> None:

@@ -3,13 +3,13 @@ recipe, the per-step log, resume, metrics, the model card and the closing summar
 
 A run directory explains itself:
 
-    run.json         the marker of a finetune run: task, method, base, status, step (rundir.py)
+    run.json         the marker of a finetune run: task, method, base, status, step (training/rundir.py)
     recipe.yaml      the resolved recipe; `finetune <method> DIR/recipe.yaml` runs it again
     log.jsonl        one line per logging step (step, loss, learning rate, grad norm, tokens/s, time)
     metrics.json     final numbers, for the whole run across resumes (strict JSON)
     README.md        model card: base, data, recipe, metrics, how to use it
     chat.json        runs trained on conversations: the data format and template `generate`/`chat` apply
-    checkpoints/     what --resume continues from, each with a manifest.json (checkpoints.py)
+    checkpoints/     what --resume continues from, each with a manifest.json (training/checkpoints.py)
     <model files>    adapter_model.safetensors + adapter_config.json (LoRA) or model.safetensors
 """
 
@@ -47,7 +47,7 @@ def launched_child() -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Run directory (claimed by run.py before a task starts; see rundir.py and checkpoints.py)
+# Run directory (claimed by run/lifecycle.py before a task starts; see training/rundir.py and training/checkpoints.py)
 
 
 def start_run(recipe: Recipe) -> Path:
@@ -204,7 +204,7 @@ def groups_by_length(recipe: Recipe) -> bool:
     """Batches of texts of similar length (transformers' LengthGroupedSampler: shuffled groups of
     50 batches, sorted within) pad less. Not for packed rows (already full) or image tasks, and not
     by default for classification: where text length follows the label, length-sorted batches hold
-    one class each and training stalls (tests/test_classification.py's text-pair task: 0.52
+    one class each and training stalls (tests/test_tasks_classification.py's text-pair task: 0.52
     accuracy grouped, >= 0.9 not)."""
     if recipe.train.group_by_length is False or recipe.data.streaming:  # a stream has no lengths to sort by
         return False
@@ -230,7 +230,7 @@ def longest_first(ds, column: str = "input_ids"):
 
 
 def callbacks(recipe: Recipe, run_dir: Path, resume_step: int = 0) -> list:
-    """What every Trainer of a run gets: the log, the guards (guards.py), checkpoint manifests."""
+    """What every Trainer of a run gets: the log, the guards (training/guards.py), checkpoint manifests."""
     from finetune.training.checkpoints import manifest_callback
     from finetune.training.guards import guard_callback
 
@@ -292,7 +292,7 @@ def log_callback(run_dir: Path, resume_step: int = 0):
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics, summary (the model card: finetune/card.py)
+# Metrics, summary (the model card: finetune/hub/card.py)
 
 
 def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, model) -> dict[str, Any]:

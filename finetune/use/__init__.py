@@ -1,2 +1,2 @@
-"""Using a trained run: loading it for generation, generate, chat and merge. Imports training, hub, data,
-models, recipe and launch."""
+"""A trained run in use: loaded for generation (a LoRA adapter folded in), generate, chat and merge. May import
+the wings below it (training, hub, data, models, recipe, launch) and errors."""
