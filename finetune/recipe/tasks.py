@@ -5,7 +5,7 @@ fields it uses, then `run(recipe)` in numbered steps) plus one `TaskInfo` entry 
 lists tasks: the recipe schema, the chain's stage commands, the quantisation and memory checks and
 the command line's help all read this table. Adding a task is a new module and one `register` line.
 
-It sits with the schema, below every other wing, because the schema and the wings under the tasks
+It sits with the schema, below every wing but launch, because the schema and the wings under the tasks
 (the memory estimate, the quantisation check, inference) read it; it names each task's module as a
 string, so nothing here imports a task. It imports nothing heavy (no torch, no transformers): the
 command line reads it for `finetune --help`. `load_task` imports a task's module when it runs.
