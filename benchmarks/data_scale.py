@@ -174,7 +174,7 @@ def window_fill(model: Path, corpus: Path, docs: int = 50_000) -> tuple[float, f
 
     from transformers import AutoTokenizer
 
-    from finetune.data.text import PACK_WINDOW, pack_documents
+    from finetune.data.packing import PACK_WINDOW, pack_documents
 
     tok = AutoTokenizer.from_pretrained(model)
     with corpus.open() as f:

@@ -39,7 +39,7 @@ def batches_padded(docs, max_length, batch_size, pad_id):
 
 def batches_longest(docs, max_length, batch_size, pad_id):
     """finetune's default without packing: pad each batch to its longest text."""
-    from finetune.data.text import CausalCollator
+    from finetune.data.packing import CausalCollator
 
     collate = CausalCollator(pad_id)
     for i in range(0, len(docs), batch_size):
@@ -50,7 +50,7 @@ def batches_longest(docs, max_length, batch_size, pad_id):
 def batches_packed(docs, max_length, batch_size, pad_id):
     import datasets
 
-    from finetune.data.text import CausalCollator, packed_dataset
+    from finetune.data.packing import CausalCollator, packed_dataset
 
     packed = packed_dataset(datasets.Dataset.from_dict({"input_ids": docs}), max_length)
     collate = CausalCollator(pad_id)

@@ -165,12 +165,13 @@ def test_a_stream_resumes_at_the_next_unseen_rows(tiny_gpt, tmp_path, monkeypatc
     from its saved state: it re-reads only the rows of its current chunk, not those before it."""
     from test_run_lifecycle import assert_same_weights, at_step, sigterm
 
+    from finetune.data import packing
     from finetune.data import text as D
     from finetune.errors import Stopped
     from finetune.run.lifecycle import execute, resolve
 
     monkeypatch.setattr(D, "MAP_BATCH", 10)  # small batches, windows and chunks: 8 steps span several
-    monkeypatch.setattr(D, "PACK_WINDOW", 10)
+    monkeypatch.setattr(packing, "PACK_WINDOW", 10)
     path = numbered(tmp_path / "a.jsonl", "red", 200)
     sets = {"data.streaming": True, "data.shuffle_buffer": 8, "data.max_eval_samples": 8}
     batches = trained_batches(monkeypatch)

@@ -179,7 +179,7 @@ def test_packing_keeps_documents_apart(tiny_gpt):
     """A packed row gives each document the same logits as running it alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.data import text as D
+    from finetune.data.packing import CausalCollator, packed_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()
@@ -187,9 +187,9 @@ def test_packing_keeps_documents_apart(tiny_gpt):
     docs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in toy_sentences(3, seed=5)]
     import datasets
 
-    packed = D.packed_dataset(datasets.Dataset.from_dict({"input_ids": docs}), max_length=64)
+    packed = packed_dataset(datasets.Dataset.from_dict({"input_ids": docs}), max_length=64)
     assert len(packed) == 1
-    batch = D.CausalCollator(tok.pad_token_id)([packed[0]])
+    batch = CausalCollator(tok.pad_token_id)([packed[0]])
     assert "attention_mask" not in batch
     with torch.no_grad():
         together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
@@ -204,7 +204,7 @@ def test_packing_keeps_documents_apart(tiny_gpt):
 
 
 def test_pack_documents_is_a_valid_packing():
-    from finetune.data.text import pack_documents
+    from finetune.data.packing import pack_documents
 
     lengths = [5, 9, 3, 7, 10, 1, 2, 8, 6, 4] * 20
     bins = pack_documents(lengths, capacity=16)
@@ -215,7 +215,7 @@ def test_pack_documents_is_a_valid_packing():
 
 
 def test_collator_keeps_eos_in_labels_when_pad_equals_eos():
-    from finetune.data.text import CausalCollator
+    from finetune.data.packing import CausalCollator
 
     batch = CausalCollator(pad_token_id=0)([{"input_ids": [5, 6, 0]}, {"input_ids": [7]}])
     assert batch["labels"].tolist() == [[5, 6, 0], [7, -100, -100]]
@@ -224,7 +224,7 @@ def test_collator_keeps_eos_in_labels_when_pad_equals_eos():
 
 
 def test_collator_keeps_labels_given_per_example():
-    from finetune.data.text import CausalCollator
+    from finetune.data.packing import CausalCollator
 
     batch = CausalCollator(pad_token_id=9)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8]}])
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -234,7 +234,7 @@ def test_right_padded_batch_without_mask_gives_the_same_logits_and_loss(tiny_gpt
     """Dropping the attention mask of a right-padded causal batch changes nothing a real token sees."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.data.text import CausalCollator
+    from finetune.data.packing import CausalCollator
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()

@@ -132,13 +132,14 @@ def test_packed_blocks_keep_the_masks(tiny_gpt):
 
     from finetune.data import chat
     from finetune.data import text as D
+    from finetune.data.packing import packed_dataset
     from finetune.recipe.sections import DataSpec
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     chat.set_template(tok, "chatml")
     rows = conversations(6, seed=3)
     ds = D.tokenize_examples(datasets.Dataset.from_list(rows), tok, DataSpec(), "messages", 64)
-    packed = D.packed_dataset(ds, 128)
+    packed = packed_dataset(ds, 128)
     assert len(packed) < len(ds)
     singles = {tuple(r["input_ids"]): r["labels"] for r in ds}
     for block in packed:

@@ -201,7 +201,7 @@ def test_a_run_with_little_memory_trains_with_a_smaller_batch(tiny_llama, tmp_pa
 def test_short_conversations_pack_into_short_rows_and_train_for_enough_steps(tiny_gpt, tmp_path):
     """300 short conversations: rows of the longest example's power of two (not 1,024 tokens), and since
     train.epochs is unset, as many passes (up to 3) as reach about 100 optimizer steps."""
-    from finetune.data.text import MIN_BLOCK
+    from finetune.data.packing import MIN_BLOCK
     from finetune.training.session import MIN_STEPS
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(300, seed=0))
@@ -244,7 +244,7 @@ def test_validate_of_a_stream_names_its_rows_and_no_epochs(tiny_gpt, tmp_path):
 def test_fitted_block_is_the_longest_example_rounded_up():
     from datasets import Dataset
 
-    from finetune.data.text import fitted_block
+    from finetune.data.packing import fitted_block
 
     ds = Dataset.from_dict({"input_ids": [[1] * 70, [1] * 83, [1] * 20]})
     assert fitted_block([ds, None], 1024) == 128

@@ -8,8 +8,8 @@
 3. Tokens: each source is tokenized (data.num_proc processes), text with eos after each document,
    other formats with labels -100 outside the trained tokens.
 4. Mixture: the sources are joined: every row once, or drawn by their weights (`sources.mix`).
-5. Blocks: whole documents packed into rows of data.max_length tokens (`data.packed_dataset`); unset, the
-   smallest power of two that holds the longest example, at most 1,024 (`data.fitted_block`).
+5. Blocks: whole documents packed into rows of data.max_length tokens (`packing.packed_dataset`); unset, the
+   smallest power of two that holds the longest example, at most 1,024 (`packing.fitted_block`).
 
 Not streaming, the result is cached (data/cache.py): with several processes the first one on each
 machine prepares it while the others wait, then they load it; a second run on the same data loads
@@ -32,6 +32,7 @@ from finetune.data import cache
 from finetune.data import chat
 from finetune.data import sources
 from finetune.data import text as D
+from finetune.data.packing import fitted_block, packed_dataset
 from finetune.errors import UserError
 from finetune.recipe.schema import Recipe
 from finetune.recipe.sections import DataSpec
@@ -163,10 +164,10 @@ def build(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepared
     eval_ds = sources.mix(with_labels(eval_parts), [None] * len(eval_parts), seed) if eval_parts else None
     if eval_ds is not None and not whole and d.max_eval_samples and len(eval_ds) > d.max_eval_samples:
         eval_ds = eval_ds.shuffle(seed=seed).select(range(d.max_eval_samples))
-    block = max_length if d.max_length else D.fitted_block([train, eval_ds], max_length, packing)  # rows' longest
+    block = max_length if d.max_length else fitted_block([train, eval_ds], max_length, packing)  # rows' longest
     if packing:
-        train = D.packed_dataset(train, block, d.num_proc)
-        eval_ds = D.packed_dataset(eval_ds, block, d.num_proc) if eval_ds is not None else None
+        train = packed_dataset(train, block, d.num_proc)
+        eval_ds = packed_dataset(eval_ds, block, d.num_proc) if eval_ds is not None else None
     return Prepared(train, eval_ds, fmt, templated, new_tokens, block=block)
 
 
@@ -238,8 +239,8 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
     if eval_ds is not None and d.max_eval_samples and len(eval_ds) > d.max_eval_samples:
         eval_ds = eval_ds.shuffle(seed=seed).select(range(d.max_eval_samples))
     if packing:
-        train = D.packed_dataset(train, max_length)
-        eval_ds = D.packed_dataset(eval_ds, max_length) if eval_ds is not None else None
+        train = packed_dataset(train, max_length)
+        eval_ds = packed_dataset(eval_ds, max_length) if eval_ds is not None else None
     if d.shuffle_buffer:  # the training rows (blocks, when packed), as the last step: see sources.shuffled
         train = sources.shuffled(train, seed, d.shuffle_buffer)
     order = f"{'blocks' if packing else 'rows'} shuffled in chunks of {d.shuffle_buffer:,}" if d.shuffle_buffer \

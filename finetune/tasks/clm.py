@@ -23,6 +23,7 @@ from pathlib import Path
 from finetune.data import chat
 from finetune.data import corpus
 from finetune.data import text as D
+from finetune.data.packing import CausalCollator, fitted_block, packed_dataset
 from finetune.data.sources import load_source
 from finetune.errors import UserError
 from finetune.models import pretrained
@@ -83,7 +84,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     checkpoint = session.resume_checkpoint(run_dir) if resume else None
     resume_step = session.checkpoint_step(checkpoint) or 0
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=D.CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      data_collator=CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if d.streaming:
         corpus.own_dataloader(trainer, checkpoint)
@@ -368,7 +369,7 @@ def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) ->
     """(notes, row length): the row length, and how many optimizer steps the run will take (from the tokenized
     sample of each source, scaled to its rows), as training will print them."""
     parts = [t for s, _, _, t in samples if s.key.startswith("data.train")]
-    block = max_length if recipe.data.max_length else D.fitted_block(parts, max_length, packing)
+    block = max_length if recipe.data.max_length else fitted_block(parts, max_length, packing)
     notes = []
     if packing:
         notes.append(f"packing: whole examples packed into rows of {block} tokens (exact: each sees only "
@@ -382,7 +383,7 @@ def step_notes(recipe: Recipe, samples: list, max_length: int, packing: bool) ->
     for source, all_rows, _, tokenized in samples:
         if not source.key.startswith("data.train") or not len(tokenized):
             continue
-        n = len(D.packed_dataset(tokenized, block)) if packing else len(tokenized)
+        n = len(packed_dataset(tokenized, block)) if packing else len(tokenized)
         rows += n * len(all_rows) / len(tokenized)
     held = recipe.data.eval_fraction if not recipe.data.eval and not recipe.data.eval_split else 0.0
     _, lines = session.plan_steps(recipe, max(1, round(rows * (1 - held))), block)
