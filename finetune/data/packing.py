@@ -7,6 +7,7 @@ import bisect
 from typing import Any
 
 from finetune.data.text import map_batches
+from finetune.errors import UserError
 
 
 def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -86,11 +87,50 @@ def packed_dataset(tokenized, max_length: int, num_proc: int | None = None):
     """Blocks of at most `max_length` tokens packed from whole documents (`pack_rows`), a window of
     PACK_WINDOW documents at a time; a Dataset or a stream.
 
-    transformers builds a block-diagonal causal mask from position_ids that restart, as long
-    as no attention_mask is passed and the model runs without a cache (use_cache=False).
+    Under eager, sdpa and flex_attention, transformers builds a block-diagonal causal mask from
+    position_ids that restart, as long as no attention_mask is passed and the model runs without a
+    cache (use_cache=False); under flash attention the collator passes the boundaries (`needs_boundaries`).
     """
     return map_batches(tokenized, lambda batch: pack_rows(batch, max_length), ["input_ids", "position_ids", "labels"],
                        "Packing", num_proc, batch_size=PACK_WINDOW)
+
+
+def needs_boundaries(model) -> bool:
+    """Whether packed rows must carry their documents' boundaries as varlen arguments (`cu_seq_lens_q/k`,
+    `max_length_q/k`) for the model's attention to keep the documents apart.
+
+    eager, sdpa and flex_attention get a mask that transformers builds from the restarting position_ids
+    (block-diagonal): no. flash_attention_2/3, Hub kernels registered as flash attention, and any attention
+    function registered without a mask get none: transformers' flash path infers the boundaries from
+    position_ids only for a batch of one row, so a batch of several rows would run dense causal attention
+    across documents, silently. With the boundaries it runs varlen attention over the batch as one row.
+    A model class that does not pass these arguments down to its attention layers cannot pack exactly
+    under such an attention: refused."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(attn, None) not in (None, flash_attention_mask):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_supports_attention_backend", False):
+        raise UserError(f"data.packing: {type(base).__name__} does not pass document boundaries to its attention "
+                        f"layers, so under {attn} packed examples would attend to each other; set data.packing: "
+                        "false, or model.attn_implementation: sdpa")
+    return True
+
+
+def boundaries(position_ids) -> dict[str, Any]:
+    """The varlen arguments of a packed batch, over its rows laid end to end: a document (or a row's padding)
+    starts wherever a position id is 0, and at the start of every row. Computed on the host, once per batch,
+    so the attention layers need no device sync to find them."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = flat == 0
+    starts[::position_ids.shape[-1]] = True
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 class CausalCollator:
@@ -102,13 +142,15 @@ class CausalCollator:
     no loss. Without a mask the model runs plain causal attention (SDPA's `is_causal` kernels on
     GPU) instead of building a 4-D padding mask per layer. Packed rows carry position_ids that
     restart per document (transformers builds the block-diagonal mask from them); their padding
-    then continues as a separate segment. Unpacked rows get no position_ids: the default 0..n-1
-    is right for right padding.
+    then continues as a separate segment; with `with_boundaries` (an attention that builds no mask,
+    `needs_boundaries`) they carry the varlen arguments too. Unpacked rows get no position_ids: the
+    default 0..n-1 is right for right padding.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, with_boundaries: bool = False):
         self.pad_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.with_boundaries = with_boundaries
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -128,4 +170,7 @@ class CausalCollator:
             batch["labels"].append(labels + [-100] * pad)
             if packed:
                 batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if packed and self.with_boundaries:
+            out.update(boundaries(out["position_ids"]))
+        return out

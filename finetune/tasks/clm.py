@@ -23,7 +23,7 @@ from pathlib import Path
 from finetune.data import chat
 from finetune.data import corpus
 from finetune.data import text as D
-from finetune.data.packing import CausalCollator, fitted_block, packed_dataset
+from finetune.data.packing import CausalCollator, fitted_block, needs_boundaries, packed_dataset
 from finetune.data.sources import load_source
 from finetune.errors import UserError
 from finetune.models import pretrained
@@ -83,8 +83,10 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     args = session.training_arguments(recipe, run_dir)
     checkpoint = session.resume_checkpoint(run_dir) if resume else None
     resume_step = session.checkpoint_step(checkpoint) or 0
+    exact = packs(recipe, model.config) and needs_boundaries(model)  # flash attention: packed rows carry boundaries
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      data_collator=CausalCollator(tokenizer.pad_token_id, with_boundaries=exact),
+                      processing_class=tokenizer,
                       callbacks=[*session.callbacks(recipe, run_dir, resume_step), *(callbacks or [])])
     if d.streaming:
         corpus.own_dataloader(trainer, checkpoint)
