@@ -11,6 +11,13 @@ marker (or, for runs made before it existed, one holding only the files a run wr
 `--overwrite`, and only after pre-flight has passed. Replacing moves the old run aside to a hidden
 sibling and deletes it only when the new run finishes: a new run that fails before its first
 checkpoint is removed and the old one put back, byte for byte.
+
+One run at a time per directory: the run that claims it holds `.NAME.lock` beside it (created with
+O_EXCL, which shared cluster file systems honour where flock may not), with its host, pid and a heartbeat
+rewritten every HEARTBEAT seconds. A second run into the same directory (a job submitted twice, a SLURM
+array sharing one --output) stops in pre-flight with one line naming the holder. A holder on this machine
+is alive while its process is; one on another machine while its heartbeat is younger than STALE. A lock
+whose holder is gone is taken over, and tells a killed run on another machine from a live one.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +122,106 @@ def status(run_dir: Path) -> str:
     marker = read_marker(run_dir)
     if marker is not None:
         state = str(marker.get("status", "unknown"))
+        if state == "running" and marker.get("host") not in (None, socket.gethostname()):
+            lock = read_lock(run_dir)  # another machine's run: alive while its lock has a heartbeat
+            holder = lock is not None and (lock.get("host"), lock.get("pid")) == (marker["host"], marker.get("pid"))
+            return state if holder and lock_alive(lock, lock_path(run_dir)) else "killed"
         return "killed" if state == "running" and not is_alive(marker) else state
     return "finished" if (run_dir / "metrics.json").is_file() else "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# The lock: one run per directory
+
+HEARTBEAT = 30.0  # seconds between rewrites of the lock by its holder
+STALE = 300.0  # a lock from another machine not rewritten for this long is a dead run's
+
+
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def read_lock(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(lock_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def lock_alive(lock: dict[str, Any] | None, path: Path) -> bool:
+    """Whether a lock's holder is still running: on this machine its process (this very process holds no
+    lock between runs: one it finds is a leftover), elsewhere a recent heartbeat. A lock being written
+    (no content yet) is alive while its file is recent."""
+    if lock is None:
+        try:
+            return time.time() - path.stat().st_mtime < STALE
+        except OSError:
+            return False
+    if lock.get("host") == socket.gethostname():
+        mine = (lock.get("pid"), lock.get("pid_start")) == (os.getpid(), process_start(os.getpid()))
+        return not mine and is_alive(lock)
+    return time.time() - float(lock.get("beat", 0)) < STALE
+
+
+def holder_line(run_dir: Path, lock: dict[str, Any] | None) -> str:
+    if lock is None:
+        return f"--output: '{run_dir}' is being claimed by another run right now; choose another --output"
+    ago = max(0, round(time.time() - float(lock.get("beat", 0))))
+    elsewhere = "" if lock.get("host") == socket.gethostname() else (
+        f"; if that run is gone, its lock {lock_path(run_dir)} lapses {STALE:.0f} s after its last heartbeat")
+    return (f"--output: '{run_dir}' is in use by another run (host {lock.get('host')}, pid {lock.get('pid')}, "
+            f"started {lock.get('started')}, heartbeat {ago} s ago); wait for it to finish, or choose another "
+            f"--output{elsewhere}")
+
+
+def check_lock(run_dir: Path) -> None:
+    """Pre-flight: refuse a directory another live run holds."""
+    path = lock_path(run_dir)
+    if path.exists() and lock_alive(lock := read_lock(run_dir), path):
+        raise UserError(holder_line(run_dir, lock))
+
+
+class Lock:
+    """This process's hold on a run directory, with a heartbeat thread, until `release()`."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = run_dir, lock_path(run_dir)
+        self.fields = {**this_process(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                lock = read_lock(run_dir)
+                if lock_alive(lock, self.path):
+                    raise UserError(holder_line(run_dir, lock)) from None
+                self.path.unlink(missing_ok=True)  # a dead run's lock
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({**self.fields, "beat": time.time()}) + "\n")
+            break
+        else:
+            raise UserError(holder_line(run_dir, read_lock(run_dir)))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="finetune-lock", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT):
+            lock = read_lock(self.run_dir)
+            if lock is None or lock.get("pid") != self.fields["pid"] or lock.get("host") != self.fields["host"]:
+                return  # no longer ours
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self.fields, "beat": time.time()}) + "\n")
+            tmp.replace(self.path)
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        lock = read_lock(self.run_dir)
+        if lock is not None and (lock.get("pid"), lock.get("host")) == (self.fields["pid"], self.fields["host"]):
+            self.path.unlink(missing_ok=True)
 
 
 def killed_reason(run_dir: Path) -> str:
@@ -138,6 +244,7 @@ def check(run_dir: Path, overwrite: bool, resume: bool, has_checkpoint: bool) ->
         raise UserError("--overwrite and --resume: choose one (--resume continues the run, --overwrite replaces it)")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output: '{run_dir}' is a file; choose a directory")
+    check_lock(run_dir)
     if resume:
         if is_empty(run_dir) or not is_run_dir(run_dir):
             raise UserError(f"--resume: '{run_dir}' holds no finetune run; start one there without --resume")
@@ -189,6 +296,7 @@ class Claim:
     """
 
     def __init__(self, run_dir: Path, overwrite: bool, resume: bool, identity: dict[str, Any]):
+        self.lock = Lock(run_dir)  # raises, changing nothing, when another run holds the directory
         self.run_dir = run_dir
         self.aside = aside_path(run_dir)
         self.existed = run_dir.exists()
@@ -206,6 +314,12 @@ class Claim:
 
     def close(self, outcome: str, has_checkpoint: bool, step: int | None = None) -> str | None:
         """Settle the claim; returns a line for the user when the old run was kept or put back."""
+        try:
+            return self.settle(outcome, has_checkpoint, step)
+        finally:
+            self.lock.release()
+
+    def settle(self, outcome: str, has_checkpoint: bool, step: int | None) -> str | None:
         if outcome == "finished":
             write_marker(self.run_dir, status="finished", **({"step": step} if step is not None else {}))
             if self.aside.exists():
