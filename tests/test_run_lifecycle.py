@@ -390,3 +390,40 @@ def test_generate_with_an_empty_prompt_is_refused(tiny_gpt):
     assert code == 2
     assert errors(stderr) == ['error: prompt: empty; give some text to continue, for example finetune generate RUN '
                               '"Once upon a time"']
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_resume_continues(tiny_gpt, toy_text, tmp_path, monkeypatch):
+    """A checkpoint write that fills the disk: the unfinished checkpoint goes, the last complete one stays, the
+    message says the disk is full, and --resume continues from it (a real full tmpfs gives the same lines)."""
+    import errno
+
+    from transformers import Trainer
+
+    from finetune.errors import Stopped
+    from finetune.run.lifecycle import execute
+    from finetune.training import checkpoints, rundir
+
+    out = tmp_path / "run"
+    save = Trainer._save_optimizer_and_scheduler
+
+    def disk_fills_up(self, output_dir):
+        if self.state.global_step >= 8:  # what torch.save raises then: its zip writer's error, the OSError within
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 200320 vs 200208")
+        return save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_fills_up)
+    with pytest.raises(Stopped) as e:
+        execute(recipe_for(tiny_gpt, toy_text, out))
+    assert e.value.code == 1
+    assert e.value.lines == [
+        f"error: the disk is full under {out}: the run stopped; its last complete checkpoint is "
+        f"{out / 'checkpoints' / 'checkpoint-4'} (step 4) (the unfinished checkpoint-8 was removed)",
+        f"fix: free space, then continue with: finetune full --resume -o {out}"]
+    assert [d.name for d in checkpoints.candidates(out)] == ["checkpoint-4"]
+    assert rundir.status(out) == "failed" and not rundir.lock_path(out).exists()
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)
+    metrics = execute(recipe_for(tiny_gpt, toy_text, out), resume=True)
+    assert metrics["steps"] == 12 and rundir.status(out) == "finished"

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 from pathlib import Path
@@ -222,9 +223,18 @@ def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
     except guards.Diverged as e:
         settle(recipe, claim, "failed", e.step)
         raise Stopped(diverged_lines(recipe, e) if is_main_process() else [], 3) from e
-    except BaseException:
-        settle(recipe, claim, "failed", None)
-        raise
+    except BaseException as e:
+        full = disk_full(e, recipe.output_dir)
+        if full is None:
+            settle(recipe, claim, "failed", None)
+            raise
+        dropped = checkpoints.drop_unfinished(recipe.output_dir) if is_main_process() else []
+        lines = disk_full_lines(recipe, full, dropped)  # before settling: it removes a run with nothing to resume
+        try:
+            settle(recipe, claim, "failed", None)
+        except OSError:  # still no room for run.json
+            pass
+        raise Stopped(lines if is_main_process() else [], 1) from e
     settle(recipe, claim, "finished", (metrics or {}).get("steps"))
     return metrics
 
@@ -273,6 +283,41 @@ def interrupted_lines(recipe: Recipe, step: int | None) -> list[str]:
                 f"finetune {command_verb(recipe)} ... -o {recipe.output_dir}"]
     at = f" at step {step}" if step is not None else ""
     return [f"interrupted{at}: saved {last}", f"continue with: {resume_command(recipe)}"]
+
+
+def disk_full(e: BaseException, output_dir) -> str | None:
+    """Why a failure was a full disk (or quota), else None. torch.save reports a full disk as a RuntimeError
+    of its zip writer ("unexpected pos"), with the OSError, if any, further down the chain; a file system
+    with no byte left is read as full too."""
+    import shutil
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
+                "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return "the disk quota is used up" if getattr(e, "errno", None) == errno.EDQUOT or \
+                "quota" in str(e) else "the disk is full"
+        e = e.__cause__ or e.__context__
+    try:
+        return "the disk is full" if shutil.disk_usage(output_dir).free < 2**16 else None
+    except OSError:
+        return None
+
+
+def disk_full_lines(recipe: Recipe, why: str, dropped: list) -> list[str]:
+    """The checkpoint being written when the disk filled up is removed; the last complete one (the Trainer
+    deletes older ones only after a new one is saved) is what --resume continues from."""
+    last = checkpoints.latest(recipe.output_dir)
+    removed = f" (the unfinished {', '.join(d.name for d in dropped)} was removed)" if dropped else ""
+    if last is None:
+        return [f"error: {why} under {recipe.output_dir}: the run stopped before its first complete checkpoint, "
+                "so nothing was kept",
+                f"fix: free space (or choose an --output on a larger disk), then start again: finetune "
+                f"{command_verb(recipe)} ... -o {recipe.output_dir}"]
+    return [f"error: {why} under {recipe.output_dir}: the run stopped; its last complete checkpoint is {last} "
+            f"(step {checkpoints.checkpoint_step(last)}){removed}",
+            f"fix: free space, then continue with: {resume_command(recipe)}"]
 
 
 def diverged_lines(recipe: Recipe, e: guards.Diverged) -> list[str]:

@@ -110,6 +110,20 @@ def latest(run_dir: Path, report: bool = False) -> Path | None:
     return None
 
 
+def drop_unfinished(run_dir: Path) -> list[Path]:
+    """Remove the checkpoints newer than the newest complete one that never got their manifest (a save that
+    failed part-way, as on a full disk): resume skips them anyway, and on a full disk their space is what
+    lets the run record how it stopped. Returns what was removed."""
+    import shutil
+
+    last = latest(run_dir)
+    after = checkpoint_step(last) if last is not None else -1
+    gone = [d for d in candidates(run_dir) if checkpoint_step(d) > after and not (d / MANIFEST).is_file()]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
+
+
 def manifest_callback():
     """A TrainerCallback that writes each checkpoint's manifest once every process has saved."""
     from transformers import TrainerCallback
