@@ -187,3 +187,28 @@ def test_two_process_ddp_qlora(tiny_gpt, toy_text, tmp_path):
     check_one_writer_and_identical_replicas(run_dir, [out], world_size=2)
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert recipe["quant"]["bits"] == 4 and recipe["train"]["distributed"] == "ddp"
+
+
+def test_fsdp_on_cpu_shards_saves_an_ordinary_model_and_resumes(tiny_gpt, toy_text, tmp_path):
+    """The fsdp preset on CPU runs FSDP2 over gloo (not DDP): each rank holds half the parameter values, the
+    checkpoint is FSDP's, the run directory an ordinary model folder, and --resume continues from it."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    common = ["full", "--model", tiny_gpt, "--data", toy_text, "-o", run_dir, "--set", "train.batch_size=8",
+              "--set", "train.logging_steps=1", "--set", "train.save_steps=3", "--set", "data.max_eval_samples=8",
+              "-n", "2", "--distributed", "fsdp"]
+    out = finish(start(*common, "--max-steps", "3"))
+    assert "launching 2 processes (fsdp)" in out and "find_unused_parameters" not in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    total = metrics["total_params"]
+    assert metrics["world_size"] == 2 and sum(metrics["shard_values"]) == total
+    assert max(metrics["shard_values"]) < 0.6 * total  # sharded, not replicated
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "manifest.json"} <= {
+        p.name for p in (run_dir / "checkpoints" / "checkpoint-3").iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert sum(p.numel() for p in model.parameters()) == total
+    out = finish(start(*common, "--max-steps", "6", "--resume"))
+    assert "resuming from checkpoint-3 (step 3)" in out
+    steps = [r["step"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]

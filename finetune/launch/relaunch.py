@@ -85,9 +85,41 @@ def check_distributed(recipe) -> None:
             raise UserError(f"train.distributed: {t.distributed} needs DeepSpeed; pip install \"finetune[deepspeed]\" "
                             "(or use the ddp / fsdp presets)")
     if kind == "fsdp" and not torch.cuda.is_available():
-        # accelerate applies FSDP only on accelerators; on CPU the ranks run as plain data parallel.
-        print("note: on CPU accelerate runs the fsdp preset as plain data parallel (no sharding); "
-              "FSDP shards only on GPUs", flush=True)
+        print("note: fsdp on CPU: FSDP2 shards over gloo as it does over NCCL on GPUs (slower than ddp here; "
+              "the same code path as a GPU cluster)", flush=True)
+
+
+def fsdp_on_cpu() -> None:
+    """In a launched rank on CPU with an FSDP config: shard, as on GPUs.
+
+    accelerate (1.16) switches to FSDP only for accelerator backends (AcceleratorState.__init__ keeps
+    MULTI_CPU and drops the plugin, accelerate/state.py), so on CPU the fsdp preset ran as plain DDP and FSDP
+    never ran before a GPU job. torch's fully_shard runs on CPU with gloo, and with the state switched to
+    FSDP after accelerate's own set-up, the Trainer shards, saves a full state dict and resumes exactly as it
+    does on GPUs (losses equal to DDP's on the tiny models). Applied only to a rank on CPU whose launcher set
+    ACCELERATE_USE_FSDP."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or torch.cuda.is_available():
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState.__init__, "shards_on_cpu", False):
+        return
+    init = AcceleratorState.__init__
+
+    def shard(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None,
+              *args, **kwargs):
+        init(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    shard.shards_on_cpu = True  # type: ignore[attr-defined]
+    AcceleratorState.__init__ = shard
 
 
 def relaunch(recipe, resume: bool = False) -> int:
@@ -96,11 +128,14 @@ def relaunch(recipe, resume: bool = False) -> int:
     checkpoint and stop (a Ctrl-C reaches them directly, from the terminal)."""
     import signal
 
+    import torch
     import yaml
 
     t = recipe.train
     kind = preset_kind(t.distributed)
     config = launch_config(recipe)
+    if kind == "fsdp" and not torch.cuda.is_available():  # both need an accelerator (accelerate refuses them)
+        config["fsdp_config"].update(fsdp_cpu_ram_efficient_loading=False, fsdp_sync_module_states=False)
     if t.num_machines == 1 and not config.get("main_process_port"):
         config["main_process_port"] = free_port()
     argv = child_argv(sys.argv[1:])

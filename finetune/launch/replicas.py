@@ -1,5 +1,6 @@
 """Data-parallel replicas in sync: every rank's trainable weights, fingerprinted and compared at the
-end of a run (replica_fingerprints in metrics.json)."""
+end of a run (replica_fingerprints in metrics.json); sharded weights (FSDP, ZeRO-3): the share of the
+parameter values each rank holds (shard_values)."""
 
 from __future__ import annotations
 
@@ -23,19 +24,27 @@ def weights_fingerprint(tensors) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def replica_fingerprints(model) -> list[str] | None:
-    """Every rank's fingerprint of its trainable weights, gathered (a collective: every rank calls it).
+def local_values(p) -> int:
+    """How many of a parameter's values this rank holds: an FSDP2 DTensor's local shard, a ZeRO-3 partition."""
+    if type(p).__name__ == "DTensor":
+        return p.to_local().numel()
+    return int(getattr(p, "ds_tensor", p).numel())
 
-    Data-parallel replicas must end bit-identical; a difference means ranks trained apart (a sampler
-    or gradient-sync bug). None in a single process, or when weights are sharded (FSDP, ZeRO-3) and
-    each rank holds only a slice."""
+
+def replica_state(model) -> dict[str, list]:
+    """Gathered from every rank (a collective: every rank calls it); {} in a single process.
+
+    Data-parallel replicas: `replica_fingerprints`, each rank's fingerprint of its trainable weights. They
+    must end bit-identical; a difference means ranks trained apart (a sampler or gradient-sync bug).
+    Sharded weights (FSDP, ZeRO-3): `shard_values`, how many parameter values each rank holds."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    params = [p for p in model.parameters() if p.requires_grad]
+        return {}
+    params = list(model.parameters())
     sharded = any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in params)
-    mine = None if sharded else weights_fingerprint(params)
+    mine: Any = sum(local_values(p) for p in params) if sharded else \
+        weights_fingerprint([p for p in params if p.requires_grad])
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    return None if any(g is None for g in gathered) else gathered
+    return {"shard_values" if sharded else "replica_fingerprints": gathered}

@@ -207,8 +207,10 @@ def free_device_cache() -> None:
 
 def train(recipe: Recipe, resume: bool, claim: rundir.Claim | None,
           callbacks: list | None = None) -> dict[str, Any] | None:
+    from finetune.launch.relaunch import fsdp_on_cpu
     from finetune.training.callbacks import run_callbacks
 
+    fsdp_on_cpu()  # a rank on CPU under an FSDP config shards as on GPUs
     task = load_task(recipe.task)
     try:
         with guards.installed():

@@ -179,7 +179,10 @@ def training_arguments(recipe: Recipe, run_dir: Path, args_cls=None, **task_defa
         logging_nan_inf_filter=t.nan_patience > 0,
         train_sampling_strategy="group_by_length" if groups_by_length(recipe) else "random",
     )
-    if recipe.method == "lora":
+    if recipe.method == "lora" or recipe.task == "clm":
+        # Every parameter that trains takes part in each step: a LoRA adapter's, and all of a causal LM's. The
+        # Trainer's default (True without gradient checkpointing) costs an extra pass over the graph per step
+        # and warns on every rank. Other tasks keep it: a checkpoint's pooler, say, may never be used.
         kwargs["ddp_find_unused_parameters"] = False
     from finetune.training.extras import trainer_fields
 
@@ -328,11 +331,10 @@ def run_metrics(trainer, train_output, eval_metrics: dict[str, float] | None, mo
 
     if torch.cuda.is_available():  # what `finetune plan` estimates
         metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    from finetune.launch.replicas import replica_fingerprints
+    from finetune.launch.replicas import replica_state
 
-    fingerprints = replica_fingerprints(model)  # a collective: every rank gets here
-    if fingerprints:
-        metrics["replica_fingerprints"] = fingerprints
+    metrics.update(replica_state(model))  # a collective: every rank gets here
+    if fingerprints := metrics.get("replica_fingerprints"):
         if len(set(fingerprints)) > 1 and is_main_process():
             print("warning: the ranks finished with different weights (replica_fingerprints in metrics.json); "
                   "data-parallel replicas should be identical", flush=True)
