@@ -121,21 +121,31 @@ def launch_config_command(
         recipe: RecipeArg = None, set_: SetOpt = None, num_processes: ProcsOpt = None, bf16: Bf16Opt = False,
         fp16: Fp16Opt = False, distributed: DistOpt = None, num_machines: MachinesOpt = None,
         machine_rank: RankOpt = None, main_process_ip: IpOpt = None, main_process_port: PortOpt = None,
+        slurm: Annotated[bool, typer.Option("--slurm", help="Print a SLURM batch script for these nodes and "
+                                            "GPUs instead (sbatch FILE lora --model ... -o ...).")] = False,
         debug: DebugOpt = False) -> None:
     """Print the accelerate config a run with these flags uses (a preset with the run's values filled in).
 
-    Example: finetune launch-config --distributed fsdp -n 16 --num-machines 2 --main-process-ip 10.0.0.1"""
+    Example: finetune launch-config --distributed fsdp -n 16 --num-machines 2 --main-process-ip 10.0.0.1
+    On SLURM: finetune launch-config --slurm --distributed fsdp -n 16 --num-machines 2 > train.sbatch"""
 
     def body():
         from finetune.launch.presets import launch_config_yaml
         from finetune.recipe.load import find_recipe, load_recipe
 
-        scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, main_process_ip,
-                                main_process_port)
+        ip = main_process_ip or ("first-node" if slurm else None)  # on SLURM the script finds the first node
+        scale = scale_overrides(None, bf16, fp16, distributed, num_machines, machine_rank, ip, main_process_port)
         overrides = flag_overrides(None, None, None, None, None, None, None, num_processes, scale)
         if recipe is not None:
             find_recipe(recipe)
         r = load_recipe(recipe, overrides, set_, ignore=("data.train", "model.name"))
+        if slurm:
+            from finetune.launch.slurm import sbatch_script
+
+            t = r.train
+            typer.echo(sbatch_script(t.num_processes, t.num_machines, t.distributed,
+                                     "bf16" if t.bf16 else "fp16" if t.fp16 else None, t.main_process_port), nl=False)
+            return
         typer.echo(launch_config_yaml(r), nl=False)
 
     guarded(debug, body)
