@@ -132,3 +132,43 @@ def test_training_under_a_mask_less_attention_passes_the_boundaries(tiny_llama, 
     assert all(len(cu) > 5 for cu in calls[:4])  # 4 rows of several documents each
     run = losses(tmp_path / "run")
     assert run[-1] < run[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_attention_keeps_packed_documents_apart_only_with_the_boundaries(tiny_llama):
+    """The real kernel: with the boundaries each document gets its own logits; without them (a batch of two
+    rows, position ids alone) documents attend to each other, which is what packing under flash did before."""
+    import importlib.util
+
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data.packing import packed_dataset
+
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("needs flash-attn")
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    load = dict(dtype=torch.bfloat16, device_map="cuda")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa", **load).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="flash_attention_2", **load).eval()
+    assert needs_boundaries(model)
+    docs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in toy_sentences(9, seed=11)]
+    rows = list(packed_dataset(datasets.Dataset.from_dict({"input_ids": docs}), max_length=40))
+
+    def worst(batch) -> float:
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.no_grad():
+            logits = model(**batch, use_cache=False).logits.float()
+        out = 0.0
+        for r, row in enumerate(rows):
+            ends = (torch.tensor(row["position_ids"]) == 0).nonzero().flatten().tolist()[1:] + [len(row["input_ids"])]
+            start = 0
+            for n in ends:
+                with torch.no_grad():
+                    alone = reference(input_ids=torch.tensor([row["input_ids"][start:n]], device="cuda")).logits[0]
+                out, start = max(out, (logits[r, start:n] - alone.float()).abs().max().item()), n
+        return out
+
+    assert worst(CausalCollator(tok.pad_token_id, with_boundaries=True)(rows)) < 0.05
+    assert worst(CausalCollator(tok.pad_token_id)(rows)) > 0.1
