@@ -296,8 +296,8 @@ def test_a_live_run_is_not_called_killed(tmp_path):
     assert status(tmp_path) == "running"
     write_marker(tmp_path, pid=2**22 + 12345)  # no such process
     assert status(tmp_path) == "killed"
-    write_marker(tmp_path, host="another-machine")  # a shared file system: nothing here can tell
-    assert status(tmp_path) == "running"
+    write_marker(tmp_path, host="another-machine")  # a shared file system: alive only with a recent heartbeat
+    assert status(tmp_path) == "killed"  # (tests/test_training_rundir.py: the lock's heartbeat keeps it running)
     if os.path.exists(f"/proc/{os.getpid()}/stat"):
         write_marker(tmp_path, host=this_process()["host"], pid=os.getpid(), pid_start="1")  # a reused pid
         assert status(tmp_path) == "killed"
