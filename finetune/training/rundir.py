@@ -101,10 +101,10 @@ def this_process() -> dict[str, Any]:
 
 
 def is_alive(marker: dict[str, Any]) -> bool:
-    """Whether the process that wrote a running marker is still there. A marker from another machine (a shared
-    file system), or without a pid (older runs), counts as alive: nothing here can tell."""
+    """Whether the process on this machine that wrote a marker (run.json or a lock) is still there. A marker
+    without a pid (older runs) counts as alive: nothing here can tell."""
     pid = marker.get("pid")
-    if not isinstance(pid, int) or marker.get("host") != socket.gethostname():
+    if not isinstance(pid, int):
         return True
     try:
         os.kill(pid, 0)
@@ -122,12 +122,17 @@ def status(run_dir: Path) -> str:
     marker = read_marker(run_dir)
     if marker is not None:
         state = str(marker.get("status", "unknown"))
-        if state == "running" and marker.get("host") not in (None, socket.gethostname()):
-            lock = read_lock(run_dir)  # another machine's run: alive while its lock has a heartbeat
-            holder = lock is not None and (lock.get("host"), lock.get("pid")) == (marker["host"], marker.get("pid"))
-            return state if holder and lock_alive(lock, lock_path(run_dir)) else "killed"
-        return "killed" if state == "running" and not is_alive(marker) else state
+        return "killed" if state == "running" and not still_running(run_dir, marker) else state
     return "finished" if (run_dir / "metrics.json").is_file() else "unknown"
+
+
+def still_running(run_dir: Path, marker: dict[str, Any]) -> bool:
+    """Whether a run whose run.json says running still is: on this machine, while its process is; from another
+    machine (a shared file system), while that process holds the run's lock with a recent heartbeat."""
+    if marker.get("host") in (None, socket.gethostname()):
+        return is_alive(marker)
+    lock = read_lock(run_dir)
+    return same_holder(lock, marker) and lock_alive(lock, lock_path(run_dir))
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,6 +152,11 @@ def read_lock(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def same_holder(lock: dict[str, Any] | None, process: dict[str, Any]) -> bool:
+    """Whether a lock was written by `process` (its host and pid)."""
+    return lock is not None and (lock.get("host"), lock.get("pid")) == (process.get("host"), process.get("pid"))
 
 
 def lock_alive(lock: dict[str, Any] | None, path: Path) -> bool:
@@ -209,8 +219,7 @@ class Lock:
 
     def beat(self) -> None:
         while not self.stop.wait(HEARTBEAT):
-            lock = read_lock(self.run_dir)
-            if lock is None or lock.get("pid") != self.fields["pid"] or lock.get("host") != self.fields["host"]:
+            if not same_holder(read_lock(self.run_dir), self.fields):
                 return  # no longer ours
             tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**self.fields, "beat": time.time()}) + "\n")
@@ -219,8 +228,7 @@ class Lock:
     def release(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
-        lock = read_lock(self.run_dir)
-        if lock is not None and (lock.get("pid"), lock.get("host")) == (self.fields["pid"], self.fields["host"]):
+        if same_holder(read_lock(self.run_dir), self.fields):
             self.path.unlink(missing_ok=True)
 
 
