@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -133,6 +134,16 @@ def start(*args: str):
 
     return subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], text=True,
                             env={**cli_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_first_step(proc, out, timeout: float = 120) -> None:
+    """Wait until the run `proc` writes to OUT has logged a step (it must still be running)."""
+    import time
+
+    log, deadline = Path(out) / "log.jsonl", time.time() + timeout
+    while not log.is_file() or not log.read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
 
 
 def finish(proc, timeout: int = 300) -> str:

@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import cli_env, invoke
+from conftest import cli_env, invoke, wait_for_first_step
 
 FAKE_SRUN = '''#!{python}
 """srun: run the command once per node (SLURM_NODEID), forwarding SIGTERM to every task."""
@@ -77,10 +76,7 @@ def test_slurms_sigterm_saves_a_checkpoint_and_the_requeued_job_resumes(tiny_gpt
                "--set", "train.logging_steps=1"]
     job = subprocess.Popen(["bash", str(path), *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
-        assert job.poll() is None and time.time() < deadline, job.communicate()
-        time.sleep(0.2)
+    wait_for_first_step(job, out)
     srun = subprocess.run(["pgrep", "-f", "-s", str(job.pid), "bin/srun"], capture_output=True, text=True)
     os.kill(int(srun.stdout.split()[0]), signal.SIGTERM)  # what SLURM does: signal the job step
     _, stderr = job.communicate(timeout=120)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, finish, invoke, start, write_jsonl
+from conftest import cli_env, finish, invoke, start, wait_for_first_step, write_jsonl
 
 
 def errors(stderr: str) -> list[str]:
@@ -335,10 +335,7 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tiny_gpt, toy_text, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "full", "--model", tiny_gpt, "--data", toy_text,
                              "-o", str(out), "--max-steps", "100000", "--set", "train.logging_steps=1"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
+    wait_for_first_step(proc, out)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import cli_env, invoke
+from conftest import cli_env, invoke, wait_for_first_step
 
 from finetune.errors import UserError
 from finetune.training import rundir
@@ -27,10 +27,7 @@ def test_a_second_run_into_a_live_runs_directory_is_stopped(tiny_gpt, toy_text, 
     first = subprocess.Popen([sys.executable, "-m", "finetune", "full", "--model", tiny_gpt, "--data", toy_text,
                               "-o", str(out), "--max-steps", "100000", "--set", "train.logging_steps=1"],
                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
-        assert first.poll() is None and time.time() < deadline, first.communicate()
-        time.sleep(0.2)
+    wait_for_first_step(first, out)
     lock = json.loads(rundir.lock_path(out).read_text())
     assert (lock["pid"], lock["host"]) == (first.pid, socket.gethostname())
     for flags in ([], ["--resume"], ["--overwrite"]):

@@ -296,10 +296,11 @@ def disk_full(e: BaseException, output_dir) -> str | None:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
-                "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
-            return "the disk quota is used up" if getattr(e, "errno", None) == errno.EDQUOT or \
-                "quota" in str(e) else "the disk is full"
+        code, text = getattr(e, "errno", None), str(e)
+        if code == errno.EDQUOT or "Disk quota exceeded" in text:
+            return "the disk quota is used up"
+        if code == errno.ENOSPC or "No space left on device" in text:
+            return "the disk is full"
         e = e.__cause__ or e.__context__
     try:
         return "the disk is full" if shutil.disk_usage(output_dir).free < 2**16 else None
