@@ -243,3 +243,13 @@ def test_validate_reports_texts_and_masking(tmp_path, tiny_bert_mlm):
     assert "data.train: 41 texts, 5% held out for evaluation" in out
     assert "about 15% of them are masked per batch" in out
     assert errors(err) == [f"error: data.train: 1 empty texts (rows 41 of '{data}'); remove them (training skips them)"]
+
+
+@pytest.mark.parametrize("task, presets", [("clm", "presets: tiny, small, gpt2"),
+                                           ("mlm", "presets for the mlm task: tiny, mini, small, medium, base")])
+def test_an_unknown_model_config_names_the_presets(task, presets, toy_text, tmp_path):
+    code, _, stderr = invoke("pretrain", "--task", task, "--data", toy_text, "-o", tmp_path / "r",
+                             "--set", "model.config=tinny")
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert stderr.strip().splitlines()[-1] == (f"error: model.config: 'tinny' is neither a preset nor a file (did you "
+                                               f"mean 'tiny'?); {presets}")

@@ -216,23 +216,30 @@ def load_config(spec: ModelSpec):
         raise UserError(f"model.name: could not read the config of '{source}': {first_line(e)}") from e
 
 
-def gpt_config(spec: ModelSpec, vocab_size: int, max_length: int | None, tokenizer):
-    """A GPT-2 config from a preset name or a config file/directory, sized to the tokenizer."""
-    from transformers import AutoConfig, GPT2Config
+def preset_config(spec: ModelSpec, presets: dict[str, dict], config_cls, which: str = "presets"):
+    """model.config (default "tiny") as a config: a preset of `presets` built with `config_cls`, or a config
+    file or directory; anything else is an error naming the presets (`which` introduces them)."""
+    from transformers import AutoConfig
 
     name = spec.config or "tiny"
-    if name in GPT_PRESETS:
-        config = GPT2Config(**GPT_PRESETS[name])
-    elif Path(name).exists():
+    if name in presets:
+        return config_cls(**presets[name])
+    if Path(name).exists():
         try:
-            config = AutoConfig.from_pretrained(name)
+            return AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise UserError(f"model.config: could not read a model config from '{name}': {first_line(e)}") from e
-    else:
-        from finetune.errors import did_you_mean
+    from finetune.errors import did_you_mean
 
-        raise UserError(f"model.config: '{name}' is neither a preset nor a file{did_you_mean(name, GPT_PRESETS)}; "
-                        f"presets: {', '.join(GPT_PRESETS)}")
+    raise UserError(f"model.config: '{name}' is neither a preset nor a file{did_you_mean(name, presets)}; "
+                    f"{which}: {', '.join(presets)}")
+
+
+def gpt_config(spec: ModelSpec, vocab_size: int, max_length: int | None, tokenizer):
+    """A GPT-2 config from a preset name or a config file/directory, sized to the tokenizer."""
+    from transformers import GPT2Config
+
+    config = preset_config(spec, GPT_PRESETS, GPT2Config)
     config.vocab_size = vocab_size
     for attr in ("n_positions", "max_position_embeddings"):
         if max_length and hasattr(config, attr) and getattr(config, attr) < max_length:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.data import text as D
-from finetune.errors import UserError, first_line
+from finetune.errors import UserError
 from finetune.models import pretrained
 from finetune.models.adapters import apply_lora, is_adapter_dir
 from finetune.recipe.schema import Recipe
@@ -131,21 +131,9 @@ def require_mask_token(tokenizer, spec: ModelSpec) -> None:
 
 def bert_config(spec: ModelSpec, tokenizer, max_length: int | None):
     """A BERT config from a preset name or a config file/directory, sized to the tokenizer."""
-    from transformers import AutoConfig, BertConfig
+    from transformers import BertConfig
 
-    name = spec.config or "tiny"
-    if name in BERT_PRESETS:
-        config = BertConfig(**BERT_PRESETS[name])
-    elif Path(name).exists():
-        try:
-            config = AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.config: could not read a model config from '{name}': {first_line(e)}") from e
-    else:
-        from finetune.errors import did_you_mean
-
-        raise UserError(f"model.config: '{name}' is neither a preset nor a file{did_you_mean(name, BERT_PRESETS)}; "
-                        f"presets for the mlm task: {', '.join(BERT_PRESETS)}")
+    config = pretrained.preset_config(spec, BERT_PRESETS, BertConfig, "presets for the mlm task")
     config.vocab_size = len(tokenizer)
     if max_length and getattr(config, "max_position_embeddings", max_length) < max_length:
         config.max_position_embeddings = max_length
