@@ -9,7 +9,8 @@ and after `train.nan_patience` such steps in a row (0: the first one) the run st
 `Diverged`, keeping its earlier checkpoints and writing no model.
 
 With several processes the ranks agree on the step to stop at (one small all-reduce per step),
-so every rank saves its part of the same checkpoint.
+so every rank saves its part of the same checkpoint; the same all-reduce carries the ranks' verdict on
+the gradients, so a step costs one collective and one wait for the device.
 """
 
 from __future__ import annotations
@@ -77,29 +78,38 @@ def installed():
 def agreed(local: int | None, device=None) -> int | None:
     """The largest `local` over the ranks (the signal any rank received, a flag any rank raised), so that all
     ranks decide alike; 0 and None read as nothing."""
+    return agreed_all([local], device)[0]
+
+
+def agreed_all(values: list[int | None], device=None) -> list[int | None]:
+    """`agreed` for several values in one all-reduce: one collective and one host sync instead of one each."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
+        return list(values)
     import torch
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([local or 0], dtype=torch.long, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+    flags = torch.tensor([v or 0 for v in values], dtype=torch.long, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [int(v) or None for v in flags.tolist()]
 
 
-def all_finite(tensors, device=None) -> bool:
-    """Whether every tensor is finite, on every rank."""
+def locally_finite(tensors) -> bool:
+    """Whether every tensor on this rank is finite."""
     import torch
 
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
     # one fused reduction per device instead of a check per tensor; a norm that overflows to inf
     # means gradients beyond 1e19, a divergence all the same
     norms = torch._foreach_norm(local) if local else []
-    ok = bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()) if norms else True
-    return not agreed(0 if ok else 1, device)
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()) if norms else True
+
+
+def all_finite(tensors, device=None) -> bool:
+    """Whether every tensor is finite, on every rank."""
+    return not agreed(0 if locally_finite(tensors) else 1, device)
 
 
 def guard_callback(patience: int = 0):
@@ -110,6 +120,7 @@ def guard_callback(patience: int = 0):
         def __init__(self):
             self.bad_steps = 0
             self.signum = None
+            self.agreed_step: int | None = None  # the step whose stop signal on_pre_optimizer_step agreed
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
             # fp16 mixed precision: the grad scaler skips overflowing steps itself; the logged
@@ -117,7 +128,11 @@ def guard_callback(patience: int = 0):
             if args.fp16 or model is None:
                 return
             params = [p for p in model.parameters() if p.requires_grad]
-            if all_finite([p.grad for p in params]):
+            # The ranks agree on the gradients and on a stop signal in one all-reduce: the step's one
+            # collective and one wait for the device (on_step_end reuses the signal agreed here).
+            bad, self.signum = agreed_all([0 if locally_finite([p.grad for p in params]) else 1, stop_requested()])
+            self.agreed_step = state.global_step
+            if not bad:
                 self.bad_steps = 0
                 return
             self.bad_steps += 1
@@ -134,7 +149,9 @@ def guard_callback(patience: int = 0):
                 raise Diverged(state.global_step, f"the training loss is {loss}")
 
         def on_step_end(self, args, state, control, **kw):
-            self.signum = agreed(stop_requested())
+            if self.agreed_step != state.global_step - 1:  # not agreed before this step's optimizer step
+                self.signum = agreed(stop_requested())
+            self.agreed_step = None
             if self.signum is not None:
                 control.should_save = True
                 control.should_training_stop = True
