@@ -172,6 +172,8 @@ def test_two_machines_on_loopback(tiny_gpt, toy_text, tmp_path):
     outputs = [finish(m) for m in machines]
     assert "launching 1 process (ddp) on machine 1 of 2" in outputs[1]
     assert "finished: " in outputs[0]  # machine 0 writes the run
+    for chatter in ("Reducer", "find_unused_parameters", "strongly recommend passing", "Traceback"):
+        assert chatter not in "".join(outputs), chatter  # library chatter stays out unless --debug
     check_one_writer_and_identical_replicas(run_dir, outputs, world_size=2)
 
 
