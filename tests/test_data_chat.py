@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from finetune.data import chat
+from finetune.data import chat, masks, templates
 from finetune.errors import UserError
 from finetune.recipe.sections import DataSpec
 
@@ -14,7 +14,7 @@ from finetune.recipe.sections import DataSpec
 @pytest.fixture(scope="module")
 def chatml_tok(tiny_gpt):
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
-    assert chat.set_template(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
+    assert templates.set_template(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
     return tok
 
 
@@ -33,7 +33,7 @@ def with_bos(tok):
 @pytest.fixture(scope="module")
 def llama_tok(tiny_gpt):
     tok = with_bos(AutoTokenizer.from_pretrained(tiny_gpt))
-    chat.set_template(tok, "llama-3")
+    templates.set_template(tok, "llama-3")
     return tok
 
 
@@ -53,7 +53,7 @@ U2, A2 = {"role": "user", "content": "and the dog?"}, {"role": "assistant", "con
 
 
 def test_chatml_single_turn(chatml_tok):
-    ids, labels = chat.tokenize_chat(chatml_tok, [U, A], "assistant")
+    ids, labels = masks.tokenize_chat(chatml_tok, [U, A], "assistant")
     prompt = "<|im_start|>user\nwhere did the red cat sit?<|im_end|>\n<|im_start|>assistant\n"
     want = expected(chatml_tok, [(prompt, False), ("on the mat.<|im_end|>", True), ("\n", False)])
     assert (ids, labels) == want
@@ -67,18 +67,18 @@ def test_chatml_system_and_several_turns(chatml_tok):
     turn2 = "\n<|im_start|>user\nand the dog?<|im_end|>\n<|im_start|>assistant\n"
     pieces = [(head + "<|im_start|>assistant\n", False), ("on the mat.<|im_end|>", True), (turn2, False),
               ("on the roof.<|im_end|>", True), ("\n", False)]
-    assert chat.tokenize_chat(chatml_tok, msgs, "assistant") == expected(chatml_tok, pieces)
+    assert masks.tokenize_chat(chatml_tok, msgs, "assistant") == expected(chatml_tok, pieces)
     # last_assistant and completion train the final answer only; all trains every token
     last = [(head + "<|im_start|>assistant\non the mat.<|im_end|>" + turn2, False),
             ("on the roof.<|im_end|>", True), ("\n", False)]
-    assert chat.tokenize_chat(chatml_tok, msgs, "last_assistant") == expected(chatml_tok, last)
-    assert chat.tokenize_chat(chatml_tok, msgs, "completion") == expected(chatml_tok, last)
-    ids, labels = chat.tokenize_chat(chatml_tok, msgs, "all")
+    assert masks.tokenize_chat(chatml_tok, msgs, "last_assistant") == expected(chatml_tok, last)
+    assert masks.tokenize_chat(chatml_tok, msgs, "completion") == expected(chatml_tok, last)
+    ids, labels = masks.tokenize_chat(chatml_tok, msgs, "all")
     assert labels == ids
 
 
 def test_llama3_style_template_with_bos_and_headers(llama_tok):
-    ids, labels = chat.tokenize_chat(llama_tok, [S, U, A, U2, A2], "assistant")
+    ids, labels = masks.tokenize_chat(llama_tok, [S, U, A, U2, A2], "assistant")
     h = "<|start_header_id|>{}<|end_header_id|>\n\n"
     pieces = [("<|begin_of_text|>" + h.format("system") + "be brief.<|eot_id|>" + h.format("user")
                + "where did the red cat sit?<|eot_id|>" + h.format("assistant"), False),
@@ -88,7 +88,7 @@ def test_llama3_style_template_with_bos_and_headers(llama_tok):
     assert (ids, labels) == expected(llama_tok, pieces)
     assert ids.count(llama_tok.bos_token_id) == 1 and ids[0] == llama_tok.bos_token_id  # no double BOS
     eot = llama_tok.convert_tokens_to_ids("<|eot_id|>")
-    assert chat.end_of_turn_ids(llama_tok) == sorted({llama_tok.eos_token_id, eot})
+    assert masks.end_of_turn_ids(llama_tok) == sorted({llama_tok.eos_token_id, eot})
 
 
 def test_conversational_prompt_completion_trains_the_completion_only(chatml_tok):
@@ -97,22 +97,22 @@ def test_conversational_prompt_completion_trains_the_completion_only(chatml_tok)
     assert chat.row_problems(row, "prompt_completion", spec, "row 1") == []
     msgs, n_prompt = chat.to_messages(row, "prompt_completion", spec)
     assert n_prompt == 4
-    got = chat.tokenize_chat(chatml_tok, msgs, "assistant", n_prompt)
-    assert got == chat.tokenize_chat(chatml_tok, msgs, "last_assistant")
-    assert chat.tokenize_chat(chatml_tok, msgs, "completion", n_prompt) == got
+    got = masks.tokenize_chat(chatml_tok, msgs, "assistant", n_prompt)
+    assert got == masks.tokenize_chat(chatml_tok, msgs, "last_assistant")
+    assert masks.tokenize_chat(chatml_tok, msgs, "completion", n_prompt) == got
     trained = [t for t, lab in zip(*got) if lab != -100]
     assert chatml_tok.decode(trained) == "on the roof.<|im_end|>"
 
 
 def test_plain_prompt_completion_matches_generation_tokenization(llama_tok):
-    ids, labels = chat.tokenize_prompt_completion(llama_tok, "question: where is the cat? answer:", " on the mat.",
+    ids, labels = masks.tokenize_prompt_completion(llama_tok, "question: where is the cat? answer:", " on the mat.",
                                                   "assistant")
     prompt_ids = llama_tok("question: where is the cat? answer:")["input_ids"]  # what generate feeds the model
     assert prompt_ids[0] == llama_tok.bos_token_id and ids[:len(prompt_ids)] == prompt_ids
     completion = llama_tok(" on the mat.", add_special_tokens=False)["input_ids"] + [llama_tok.eos_token_id]
     assert ids == prompt_ids + completion
     assert labels == [-100] * len(prompt_ids) + completion
-    assert chat.tokenize_prompt_completion(llama_tok, "a", " b", "all")[1] == chat.tokenize_prompt_completion(
+    assert masks.tokenize_prompt_completion(llama_tok, "a", " b", "all")[1] == masks.tokenize_prompt_completion(
         llama_tok, "a", " b", "all")[0]
 
 
@@ -123,19 +123,19 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_gpt):
                          "{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
                          "{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(UserError, match="the prefix property fails"):
-        chat.tokenize_chat(tok, [U, A, U2, A2], "assistant")
+        masks.tokenize_chat(tok, [U, A, U2, A2], "assistant")
 
 
 def test_template_by_name_or_file_and_missing_template(tiny_gpt, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
     with pytest.raises(UserError, match="the model's tokenizer has no chat template; set data.chat_template"):
-        chat.set_template(tok, None)
+        templates.set_template(tok, None)
     with pytest.raises(UserError, match="'chatmll' is not a built-in template"):
-        chat.set_template(tok, "chatmll")
+        templates.set_template(tok, "chatmll")
     path = tmp_path / "t.jinja"
     path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    assert chat.set_template(tok, str(path)) == []
-    assert chat.render(tok, [U]) == "user: where did the red cat sit?\n"
+    assert templates.set_template(tok, str(path)) == []
+    assert templates.render(tok, [U]) == "user: where did the red cat sit?\n"
 
 
 def test_row_problems_name_row_and_fix():
@@ -149,7 +149,7 @@ def test_row_problems_name_row_and_fix():
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
     ]
     assert chat.check_rows(rows, "messages", spec, "data.train") == [
-        "data.train row 1: messages turn 1 has unknown role 'human'; use one of system, user, assistant",
+        "data.train row 1: messages turn 1 has unknown role 'human'; use one of system, user, assistant, tool",
         "data.train row 2: messages turn 1 has empty content; remove the turn or fill it",
         "data.train row 3: messages turn 1 has content of type int; content must be a string",
         "data.train row 4: the conversation ends with a 'user' turn; end it with the assistant's answer "
@@ -182,8 +182,8 @@ def test_format_detection():
 
 
 def test_show_mask_brackets_the_trained_tokens(chatml_tok):
-    ids, labels = chat.tokenize_chat(chatml_tok, [U, A], "assistant")
-    shown = chat.show_mask(chatml_tok, ids, labels, colour=False)
+    ids, labels = masks.tokenize_chat(chatml_tok, [U, A], "assistant")
+    shown = masks.show_mask(chatml_tok, ids, labels, colour=False)
     assert shown.endswith("assistant\n[[on the mat.<|im_end|>]]\n")
 
 
@@ -192,7 +192,7 @@ def test_template_errors_are_user_errors(tiny_gpt):
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(UserError, match="the chat template refuses a conversation: System role not supported"):
-        chat.tokenize_chat(tok, [S, U, A], "assistant")
+        masks.tokenize_chat(tok, [S, U, A], "assistant")
 
 
 def test_prompt_completion_rows_of_both_kinds_are_refused():

@@ -356,12 +356,12 @@ def test_validate_lists_every_source_with_its_share(tiny_gpt, tmp_path):
     assert "data.train: a mixture of 2 sources" in lines
     shares = [line for line in lines if line.startswith(("data.train.0: 300 rows", "data.train.1: 100 rows"))]
     # the token shares follow from the weights and each source's tokens per row
-    from finetune.data import chat
+    from finetune.data import templates
     from finetune.models import pretrained
     from finetune.recipe.sections import ModelSpec
 
     tokenizer = pretrained.load_tokenizer(ModelSpec(name=tiny_gpt))
-    chat.set_template(tokenizer, "chatml")
+    templates.set_template(tokenizer, "chatml")
     text_tokens = sum(len(tokenizer(json.loads(r)["text"])["input_ids"]) + 1 for r in open(a)) / 300
     chat_tokens = sum(len(tokenizer.apply_chat_template(json.loads(r)["messages"], tokenize=True)["input_ids"])
                       for r in open(b)) / 100

@@ -130,13 +130,13 @@ def test_packed_blocks_keep_the_masks(tiny_gpt):
     import datasets
     from transformers import AutoTokenizer
 
-    from finetune.data import chat
+    from finetune.data import templates
     from finetune.data import text as D
     from finetune.data.packing import packed_dataset
     from finetune.recipe.sections import DataSpec
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt)
-    chat.set_template(tok, "chatml")
+    templates.set_template(tok, "chatml")
     rows = conversations(6, seed=3)
     ds = D.tokenize_examples(datasets.Dataset.from_list(rows), tok, DataSpec(), "messages", 64)
     packed = packed_dataset(ds, 128)

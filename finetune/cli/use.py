@@ -20,6 +20,9 @@ MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1)]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 SeedOpt = Annotated[int, typer.Option("--seed")]
+ToolsOpt = Annotated[Optional[Path], typer.Option("--tools", help="A JSON list of function schemas offered to the "
+                                                                  "model (its chat template renders them); a "
+                                                                  "generated call is printed as parsed JSON.")]
 
 
 def generate(
@@ -32,7 +35,7 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Plain text even for a chat run: no chat template.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --data: prompts per batch.")] = 8,
     max_new_tokens: MaxNewTokensOpt = 64, temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, tools: ToolsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a trained run or any causal LM; runs trained on conversations answer it as a
@@ -44,12 +47,14 @@ def generate(
         if data is not None and output is None:
             raise UserError("--output: with --data, name the .jsonl to write (-o out.jsonl)")
         env_defaults()
-        from finetune.use.inference import generate_file, generate_text
+        from finetune.use.inference import generate_file, generate_text, read_tools
 
+        offered = read_tools(tools)
         if prompt is not None:
-            typer.echo(generate_text(model, prompt, max_new_tokens, temperature, top_p, seed, raw))
+            typer.echo(generate_text(model, prompt, max_new_tokens, temperature, top_p, seed, raw, offered))
             return
-        stats = generate_file(model, data, output, batch_size, max_new_tokens, temperature, top_p, seed, raw)
+        stats = generate_file(model, data, output, batch_size, max_new_tokens, temperature, top_p, seed, raw,
+                              offered)
         typer.echo(f"{stats['rows']} rows -> {output}: {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s "
                    f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s, "
                    f"{stats['rows'] / max(stats['seconds'], 1e-9):.1f} rows/s)")
@@ -61,16 +66,16 @@ def chat(
     model: Annotated[str, typer.Argument(help="A run trained on conversations, or a chat model's directory / Hub id.")],
     system: Annotated[Optional[str], typer.Option("--system", help="A system prompt to start with.")] = None,
     max_new_tokens: MaxNewTokensOpt = 256, temperature: TemperatureOpt = 0.7, top_p: TopPOpt = 0.95,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, tools: ToolsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat with a run in the terminal: history kept, answers streamed, /system TEXT, /reset, /quit."""
 
     def body():
         env_defaults()
-        from finetune.use.inference import chat_session
+        from finetune.use.inference import chat_session, read_tools
 
-        chat_session(model, max_new_tokens, temperature, top_p, seed, system)
+        chat_session(model, max_new_tokens, temperature, top_p, seed, system, tools=read_tools(tools))
 
     guarded(debug, body)
 

@@ -1,4 +1,5 @@
-"""Chat and instruction data for causal LMs: formats, chat templates, and the loss mask.
+"""Chat and instruction data for causal LMs: formats, conversations as the chat template takes them, and the
+checks of every row.
 
 Formats (trl's names), detected from the columns or set with `data.format`:
   text               a `text` column: every token is trained (language modelling)
@@ -6,14 +7,11 @@ Formats (trl's names), detected from the columns or set with `data.format`:
   messages           a `messages` column of {"role", "content"} turns
   conversations      ShareGPT: a `conversations` column of {"from", "value"} turns, mapped to messages
 
-The mask. A conversation is rendered with the tokenizer's chat template once per turn boundary
-(`apply_chat_template` on messages[:i], with the generation prompt before each assistant turn).
-Every rendering's tokens must be a prefix of the whole conversation's tokens (the prefix property);
-an assistant turn is then exactly the tokens between "prompt up to the generation prompt" and "prompt
-plus that turn", less any whitespace after its end-of-turn token. Templates that rewrite earlier turns
-(drop past reasoning, move the system prompt into the last user turn) break the property and are
-refused. transformers' `return_assistant_tokens_mask` needs `{% generation %}` blocks, which almost no
-shipped template has, so the incremental rendering is the general method; it works on any template.
+Conversations as in 2026: roles system, user, assistant and tool; an assistant turn may carry `tool_calls`
+(with or without content) and its reasoning (`reasoning_content`, or `thinking`); a tool turn carries a result
+(`name`, `tool_call_id`); a row may carry `tools` (function schemas, or a JSON string of them; data.tools_column).
+ShareGPT's `function_call` turns become assistant tool calls and `observation` turns tool results. The loss mask
+is finetune/data/masks.py's; templates and rendering are finetune/data/templates.py's.
 """
 
 from __future__ import annotations
@@ -22,36 +20,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from finetune.errors import UserError
+from finetune.data.templates import REASONING_KEYS, call_arguments, call_name, tool_name
+from finetune.errors import UserError, did_you_mean
 
 FORMATS = ("text", "prompt_completion", "messages", "conversations")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "model": "assistant"}
-
-# Built-in templates for base models without one, with the special tokens each needs.
-TEMPLATES: dict[str, tuple[str, list[str]]] = {
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-               ["<|im_start|>", "<|im_end|>"]),
-    "llama-3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
-                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
-                ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-                "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-                "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}", []),
-    "gemma": ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-              "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-              ["<start_of_turn>", "<end_of_turn>"]),
-    "phi": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}",
-            ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
-}
-TEMPLATES["qwen"] = TEMPLATES["chatml"]
-TEMPLATES["llama3"] = TEMPLATES["llama-3"]
-
+                  "system": "system", "model": "assistant", "function_call": "assistant", "observation": "tool",
+                  "tool": "tool"}
+CALL_SHAPE = '[{"type": "function", "function": {"name": ..., "arguments": {...}}}]'
 
 # ---------------------------------------------------------------------------------------
 # Formats
@@ -113,8 +90,10 @@ def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
             return [f"{where}: '{spec.prompt_column}' and '{spec.completion_column}' must both be strings or both "
                     "lists of messages"]
         if isinstance(p, list):
-            problems = turn_problems(p, where, spec.prompt_column) + turn_problems(c, where, spec.completion_column)
-            if not problems and any(m["role"] != "assistant" for m in c):
+            tools, problems = row_tools(row, spec, where)
+            problems += (turn_problems(p, where, spec.prompt_column, tools, spec.strict_tools)
+                         + turn_problems(c, where, spec.completion_column, tools, spec.strict_tools))
+            if not errors(problems) and any(m["role"] != "assistant" for m in c):
                 problems.append(f"{where}: '{spec.completion_column}' may hold assistant turns only")
             return problems
         return [f"{where}: '{k}' is empty or not a string; give it text" for k, v in
@@ -124,57 +103,150 @@ def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
         turns, problems = sharegpt_to_messages(turns, where)
         if problems:
             return problems
-    problems = turn_problems(turns, where, cols[0])
-    if not problems and turns[-1]["role"] != "assistant":
+    tools, problems = row_tools(row, spec, where)
+    problems += turn_problems(turns, where, cols[0], tools, spec.strict_tools)
+    if not errors(problems) and turns[-1]["role"] != "assistant":
         problems.append(f"{where}: the conversation ends with a '{turns[-1]['role']}' turn; end it with the "
                         "assistant's answer (the turn that is trained)")
     return problems
 
 
-def turn_problems(turns: Any, where: str, column: str) -> list[str]:
+def errors(problems: list[str]) -> list[str]:
+    return [p for p in problems if not p.startswith("warning: ")]
+
+
+def turn_problems(turns: Any, where: str, column: str, tools: list | None = None, strict_tools: bool = False
+                  ) -> list[str]:
+    """Problems of a conversation's turns; with the row's `tools`, a call to a function not among them is a
+    warning (a line starting "warning:"), or a problem with `strict_tools`."""
     if not isinstance(turns, list) or not turns:
         return [f"{where}: '{column}' must be a non-empty list of {{\"role\", \"content\"}} turns"]
-    problems = []
+    problems, calls_open = [], 0
+    names = {n for n in (tool_name(t) for t in tools or []) if n}
     for j, m in enumerate(turns, 1):
+        at = f"{where}: {column} turn {j}"
         if not isinstance(m, dict):
-            problems.append(f"{where}: {column} turn {j} is not a {{\"role\", \"content\"}} object")
+            problems.append(f"{at} is not a {{\"role\", \"content\"}} object")
             continue
-        role, content = m.get("role"), m.get("content")
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
         if role not in ROLES:
-            problems.append(f"{where}: {column} turn {j} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            problems.append(f"{where}: {column} turn {j} has content of type {type(content).__name__}; "
-                            "content must be a string")
-        elif not content.strip():
-            problems.append(f"{where}: {column} turn {j} has empty content; remove the turn or fill it")
+            problems.append(f"{at} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if role == "assistant" and calls:
+            problems += call_problems(calls, at, names, strict_tools)
+            calls_open = len(calls) if isinstance(calls, list) else 0
+        elif role == "tool":
+            if calls_open <= 0:
+                problems.append(f"{at} is a tool result with no tool call before it; put the assistant turn that "
+                                "calls the tool (its tool_calls) first")
+            calls_open -= 1
+        elif role in ROLES:
+            calls_open = 0
+        if calls and role != "assistant":
+            problems.append(f"{at}: only assistant turns make tool calls; remove its tool_calls")
+        if content is None and role == "assistant" and calls:
+            pass  # a tool call without text
+        elif not isinstance(content, str):
+            problems.append(f"{at} has content of type {type(content).__name__}; content must be a string")
+        elif not content.strip() and not (role == "assistant" and calls):
+            problems.append(f"{at} has empty content; remove the turn or fill it")
+        for key in REASONING_KEYS:
+            if m.get(key) is not None and (role != "assistant" or not isinstance(m[key], str)):
+                problems.append(f"{at}: '{key}' must be a string on an assistant turn")
+        if "train" in m and not isinstance(m["train"], bool):
+            problems.append(f"{at}: 'train' must be true or false")
+        if "weight" in m and (isinstance(m["weight"], bool) or m["weight"] not in (0, 1)):
+            problems.append(f"{at}: 'weight' must be 0 (context only) or 1 (trained)")
     return problems
 
 
+def call_problems(calls: Any, at: str, names: set[str], strict: bool) -> list[str]:
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        return [f"{at}: tool_calls must be a list of calls, {CALL_SHAPE}"]
+    problems = []
+    for k, call in enumerate(calls, 1):
+        name, args = call_name(call), call_arguments(call)
+        if not isinstance(name, str) or not name:
+            problems.append(f"{at} tool call {k} has no function name; write it as {CALL_SHAPE}")
+            continue
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                problems.append(f"{at} tool call {k} ('{name}'): arguments are not valid JSON ({e.msg} at "
+                                f"character {e.pos}); give an object or a JSON string of one")
+                continue
+        if not isinstance(args, dict):
+            problems.append(f"{at} tool call {k} ('{name}'): arguments must be an object, not "
+                            f"{type(args).__name__}")
+        if names and name not in names:
+            line = (f"{at} tool call {k} calls '{name}', which is not among the row's tools "
+                    f"({', '.join(sorted(names))}){did_you_mean(name, names)}")
+            problems.append(line + "; fix the call or the tools" if strict else
+                            "warning: " + line + " (data.strict_tools: true makes this an error)")
+    return problems
+
+
+def row_tools(row: dict, spec, where: str = "") -> tuple[list | None, list[str]]:
+    """(the row's tools, problems): a list of function schemas, or a JSON string of one; each needs a name."""
+    tools = row.get(spec.tools_column)
+    if tools is None or tools == "" or tools == []:
+        return None, []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            return None, [f"{where}: '{spec.tools_column}' is not valid JSON ({e.msg}); give a list of tools"]
+    shape = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+    if not isinstance(tools, list):
+        return None, [f"{where}: '{spec.tools_column}' must be a list of tools, each {shape}"]
+    problems = [f"{where}: {spec.tools_column} item {k} has no 'name'; write each tool as {shape}"
+                for k, t in enumerate(tools, 1) if tool_name(t) is None]
+    return (None if problems else tools), problems
+
+
 def sharegpt_to_messages(turns: Any, where: str = "") -> tuple[list[dict], list[str]]:
-    """ShareGPT {"from", "value"} turns as {"role", "content"} messages (human -> user, gpt -> assistant).
-    Ours rather than trl's `maybe_convert_to_chatml`, which renames the keys but leaves 'human'/'gpt' as
-    roles and reports nothing: here an unknown speaker is a problem named with its row and turn."""
+    """ShareGPT {"from", "value"} turns as {"role", "content"} messages (human -> user, gpt -> assistant,
+    function_call -> an assistant tool call, observation -> a tool result). Ours rather than trl's
+    `maybe_convert_to_chatml`, which renames the keys but leaves 'human'/'gpt' as roles and reports nothing:
+    here an unknown speaker is a problem named with its row and turn."""
     if not isinstance(turns, list):
         return [], [f"{where}: 'conversations' must be a list of {{\"from\", \"value\"}} turns"]
     out, problems = [], []
     for j, m in enumerate(turns, 1):
         source = m.get("from") if isinstance(m, dict) else None
         role = SHAREGPT_ROLES.get(source)
+        value = m.get("value") if isinstance(m, dict) else None
         if role is None:
             problems.append(f"{where}: conversations turn {j} has unknown 'from' {source!r}; use one of "
                             f"{', '.join(SHAREGPT_ROLES)}")
-        out.append({"role": role, "content": m.get("value") if isinstance(m, dict) else None})
+        if source == "function_call":  # the value is the call: {"name", "arguments"}, as JSON
+            try:
+                call = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: conversations turn {j} (function_call) is not valid JSON ({e.msg}); "
+                                'write it as {"name": ..., "arguments": {...}}')
+                call = None
+            calls = call if isinstance(call, list) else [call] if isinstance(call, dict) else []
+            out.append({"role": "assistant", "content": None, "tool_calls": calls})
+            continue
+        out.append({"role": role, "content": value})
     return out, problems
+
+
+MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", *REASONING_KEYS, "train", "weight")
 
 
 def to_messages(row: dict, fmt: str, spec) -> tuple[list[dict], int]:
     """(messages, number of prompt messages) of one chat row; the prompt is never trained but with `all`."""
+    def kept(turns):  # datasets gives every turn every key another turn has (None where absent)
+        return [{k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None or k == "content"} for m in turns]
+
     if fmt == "prompt_completion":
-        prompt = [dict(role=m["role"], content=m["content"]) for m in row[spec.prompt_column]]
-        return prompt + [dict(role=m["role"], content=m["content"]) for m in row[spec.completion_column]], len(prompt)
+        prompt = kept(row[spec.prompt_column])
+        return prompt + kept(row[spec.completion_column]), len(prompt)
     if fmt == "conversations":
-        return sharegpt_to_messages(row["conversations"])[0], 0
-    return [dict(role=m["role"], content=m["content"]) for m in row[spec.messages_column]], 0
+        return kept(sharegpt_to_messages(row["conversations"])[0]), 0
+    return kept(row[spec.messages_column]), 0
 
 
 def read_rows(ds, source: str | None) -> Iterator[dict]:
@@ -196,10 +268,13 @@ def read_rows(ds, source: str | None) -> Iterator[dict]:
 
 
 def check_rows(rows: Iterable[dict], fmt: str, spec, key: str, limit: int = 20) -> list[str]:
-    """Problems of every row (row numbers count from 1, as lines of the file), at most `limit` listed."""
-    problems, first_kind = [], None
+    """Problems of every row (row numbers count from 1, as lines of the file), at most `limit` listed; warnings
+    (calls to functions a row's tools lack) are printed, the first `limit` of them."""
+    problems, warnings, first_kind = [], [], None
     for i, row in enumerate(rows, 1):
         found = row_problems(row, fmt, spec, f"{key} row {i}")
+        warnings += [w for w in found if w.startswith("warning: ")]
+        found = errors(found)
         if not found and fmt == "prompt_completion":  # one kind per file: the template is set once
             kind = "lists of messages" if is_chat(fmt, row, spec) else "plain strings"
             first_kind = first_kind or kind
@@ -207,137 +282,11 @@ def check_rows(rows: Iterable[dict], fmt: str, spec, key: str, limit: int = 20) 
                 found = [f"{key} row {i}: its prompt and completion are {kind}, earlier rows' are {first_kind}; "
                          "keep one kind per file"]
         problems += found
+    for w in warnings[:limit]:
+        print(w, flush=True)
+    if len(warnings) > limit:
+        print(f"warning: {key}: ... and {len(warnings) - limit} more calls to functions not in their row's tools",
+              flush=True)
     if len(problems) > limit:
         problems = problems[:limit] + [f"{key}: ... and {len(problems) - limit} more problems"]
     return problems
-
-
-# ---------------------------------------------------------------------------------------
-# Templates
-
-
-def set_template(tokenizer, name: str | None) -> list[str]:
-    """Give the tokenizer the chat template `name` (built-in or Jinja file), or check it has its own.
-    Returns the special tokens that had to be added (their embedding rows are new and must train)."""
-    if name is None:
-        if not tokenizer.chat_template:
-            raise UserError("data.chat_template: the model's tokenizer has no chat template; set data.chat_template "
-                            f"to one of {', '.join(sorted(TEMPLATES))} or a Jinja file path")
-        return []
-    if name in TEMPLATES:
-        template, needed = TEMPLATES[name]
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise UserError(f"data.chat_template: '{name}' is not a built-in template ({', '.join(sorted(TEMPLATES))}) "
-                            "nor a Jinja file")
-        template, needed = path.read_text(), []
-    tokenizer.chat_template = template
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in needed if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return missing
-
-
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    from jinja2 import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as e:  # the template's own checks (roles must alternate, no system role, ...)
-        raise UserError(f"data.chat_template: the chat template refuses a conversation: {e}; fix the data or "
-                        "choose another template (data.chat_template)") from e
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Rendered chat text to ids: the template writes BOS itself, so no special tokens are added."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False))
-    return ids
-
-
-def trim_after_end_of_turn(ids: list[int], start: int, end: int, specials: set[int], tokenizer) -> int:
-    """The end of an assistant span without the whitespace a template writes after its end-of-turn token
-    (ChatML's newline after <|im_end|>): the model never generates it, since generation stops there."""
-    last = max((j for j in range(start, end) if ids[j] in specials), default=None)
-    if last is not None and last + 1 < end and not tokenizer.decode(ids[last + 1:end]).strip():
-        return last + 1
-    return end
-
-
-def tokenize_chat(tokenizer, messages: list[dict], train_on: str, n_prompt: int = 0,
-                  specials: set[int] | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation; labels are -100 outside the trained spans."""
-    specials = special_ids(tokenizer) if specials is None else specials
-    full = encode(tokenizer, render(tokenizer, messages))
-
-    def boundary(k: int, generation_prompt: bool) -> int:
-        ids = encode(tokenizer, render(tokenizer, messages[:k], generation_prompt)) if k else []
-        if full[:len(ids)] != ids:
-            raise UserError(
-                f"data.chat_template: the template renders the first {k} turns differently once the conversation "
-                "goes on (the prefix property fails), so the tokens of each answer cannot be found exactly; "
-                "use a template that leaves earlier turns unchanged (data.chat_template: chatml, or a Jinja file)")
-        return len(ids)
-
-    if train_on == "all":
-        return full, list(full)
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= n_prompt]
-    if train_on == "last_assistant":
-        assistants = assistants[-1:]
-    labels = [-100] * len(full)
-    if train_on == "completion":
-        start = boundary(n_prompt or assistants[-1], True)
-        spans = [(start, trim_after_end_of_turn(full, start, len(full), specials, tokenizer))]
-    else:
-        spans = []
-        for i in assistants:
-            start, end = boundary(i, True), boundary(i + 1, False)
-            spans.append((start, trim_after_end_of_turn(full, start, end, specials, tokenizer)))
-    for start, end in spans:
-        labels[start:end] = full[start:end]
-    return full, labels
-
-
-def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, train_on: str) -> tuple[list[int], list[int]]:
-    """Plain prompt/completion: the prompt tokenized as `generate` tokenizes a prompt (BOS included), then
-    the completion and eos; trained on the completion (and eos) unless `train_on` is `all`."""
-    p = tokenizer(prompt)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        c = c + [tokenizer.eos_token_id]
-    ids = p + c
-    return ids, (list(ids) if train_on == "all" else [-100] * len(p) + c)
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn under the tokenizer's template (eos included), for generation."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if tokenizer.chat_template:
-        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-        try:
-            full, labels = tokenize_chat(tokenizer, probe, "assistant")
-            trained = [t for t, lab in zip(full, labels) if lab != -100]
-            ids.update(t for t in trained[-1:] if t in special_ids(tokenizer))
-        except Exception:  # a template that cannot render the probe: eos alone
-            pass
-    return sorted(ids)
-
-
-def show_mask(tokenizer, ids: list[int], labels: list[int], colour: bool) -> str:
-    """The text of one example with the trained tokens marked: green on a terminal, [[...]] otherwise."""
-    out, inside = [], False
-    for t, lab in zip(ids, labels):
-        trained = lab != -100
-        if trained != inside:
-            out.append(("\033[32m" if trained else "\033[0m") if colour else ("[[" if trained else "]]"))
-            inside = trained
-        out.append(tokenizer.decode([t]))
-    if inside:
-        out.append("\033[0m" if colour else "]]")
-    return "".join(out)

@@ -31,6 +31,7 @@ from typing import Any
 from finetune.data import cache
 from finetune.data import chat
 from finetune.data import sources
+from finetune.data import templates
 from finetune.data import text as D
 from finetune.data.packing import fitted_block, packed_dataset
 from finetune.errors import UserError
@@ -62,7 +63,7 @@ def prepare(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepar
         hit = cache.load(key) if key else None
         if hit is not None:
             train, eval_ds, meta = hit
-            new_tokens = chat.set_template(tokenizer, d.chat_template) if meta["templated"] else []
+            new_tokens = templates.set_template(tokenizer, d.chat_template) if meta["templated"] else []
             folder = cache.cache_root() / key  # type: ignore[operator]
             print(f"data: {len(train):,} prepared rows from the cache ({folder})", flush=True)
             return Prepared(train, eval_ds, meta["format"], meta["templated"], new_tokens, folder, meta.get("block"))
@@ -106,11 +107,11 @@ def key_parts(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> dict
             "seed": recipe.train.seed}
 
 
-def tokenize(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, packing: bool):
+def tokenize(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, packing: bool, key: str = "data.train"):
     if fmt == "text":
         return D.tokenize_documents(ds, tokenizer, spec.text_column, max_length, split_long=packing,
                                     num_proc=spec.num_proc)
-    return D.tokenize_examples(ds, tokenizer, spec, fmt, max_length, num_proc=spec.num_proc)
+    return D.tokenize_examples(ds, tokenizer, spec, fmt, max_length, num_proc=spec.num_proc, key=key)
 
 
 def with_labels(parts: list) -> list:
@@ -126,7 +127,7 @@ def template_rules(tokenizer, d: DataSpec, checked: list[tuple[Any, str, DataSpe
     """(format, templated, new tokens): the template is set once, when any source holds conversations.
     `checked`: (first row, format, spec) per source."""
     chats = [fmt for row, fmt, spec in checked if chat.is_chat(fmt, row, spec)]
-    new_tokens = chat.set_template(tokenizer, d.chat_template) if chats else []
+    new_tokens = templates.set_template(tokenizer, d.chat_template) if chats else []
     return (chats[0] if chats else checked[0][1]), bool(chats), new_tokens
 
 
@@ -148,14 +149,14 @@ def build(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepared
 
     train_parts, weights, eval_parts = [], [], []
     for src, rows, held_out, source_fmt in loaded:
-        part = tokenize(rows, tokenizer, src.spec, source_fmt, max_length, packing)
+        part = tokenize(rows, tokenizer, src.spec, source_fmt, max_length, packing, src.key)
         if src.key.startswith("data.eval"):
             eval_parts.append(part)
             continue
         train_parts.append(part)
         weights.append(src.weight)
         if held_out is not None:
-            eval_parts.append(tokenize(held_out, tokenizer, src.spec, source_fmt, max_length, packing))
+            eval_parts.append(tokenize(held_out, tokenizer, src.spec, source_fmt, max_length, packing, src.key))
     if len(loaded) > 1:
         report_mixture(loaded, weights)
     train = sources.mix(with_labels(train_parts), weights, seed, d.stopping_strategy)
@@ -231,7 +232,7 @@ def stream(recipe: Recipe, tokenizer, max_length: int, packing: bool) -> Prepare
     fmt, templated, new_tokens = template_rules(
         tokenizer, d, [(row, f, src.spec) for src, row, f, _, _ in opened] + [(r[0], f, s.spec) for s, r, _, f in evals])
 
-    parts = [tokenize(part, tokenizer, src.spec, f, max_length, packing) for src, _, f, part, _ in opened]
+    parts = [tokenize(part, tokenizer, src.spec, f, max_length, packing, src.key) for src, _, f, part, _ in opened]
     train = sources.mix(with_labels(parts), [src.weight for src, *_ in opened], seed, d.stopping_strategy)
     eval_parts = [tokenize(h, tokenizer, src.spec, f, max_length, packing) for src, _, f, _, h in opened if h is not None]
     eval_parts += [tokenize(rows, tokenizer, src.spec, f, max_length, packing) for src, rows, _, f in evals]

@@ -197,38 +197,53 @@ def tokenize_documents(ds, tokenizer, column: str, max_length: int, split_long: 
     return map_batches(ds, encode, ["input_ids"], "Tokenizing", num_proc)
 
 
-def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, num_proc: int | None = None):
-    """input_ids and labels per prompt/completion or conversation row (labels -100 outside the trained
-    tokens, see `finetune.data.chat`). Longer rows are cut to `max_length` (a conversation split in two would
-    train answers without their question); rows left with nothing to train on are dropped, with a warning."""
+def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, num_proc: int | None = None,
+                      key: str = "data.train"):
+    """input_ids and labels per prompt/completion row, or per conversation (one example, or one per answer for
+    templates that rewrite earlier turns; see `finetune.data.masks`); labels are -100 outside the trained
+    tokens. Longer examples are cut to `max_length` (a conversation split in two would train answers without
+    their question); examples left with nothing to train on are dropped, with a warning."""
     import datasets
 
-    from finetune.data import chat
+    from finetune.data import chat, masks
 
-    specials = chat.special_ids(tokenizer)
+    specials = masks.special_ids(tokenizer)
 
     def encode(batch):
         out: dict[str, list] = {"input_ids": [], "labels": []}
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             if fmt == "prompt_completion" and not chat.is_chat(fmt, row, spec):
-                ids, labels = chat.tokenize_prompt_completion(tokenizer, row[spec.prompt_column],
-                                                              row[spec.completion_column], spec.train_on)
+                ids, labels = masks.tokenize_prompt_completion(tokenizer, row[spec.prompt_column],
+                                                               row[spec.completion_column], spec.train_on)
+                examples = [{"input_ids": ids, "labels": labels}]
             else:
                 messages, n_prompt = chat.to_messages(row, fmt, spec)
-                ids, labels = chat.tokenize_chat(tokenizer, messages, spec.train_on, n_prompt, specials)
-            if any(t != -100 for t in labels[:max_length]):
-                out["input_ids"].append(ids[:max_length])
-                out["labels"].append(labels[:max_length])
+                try:
+                    examples, _ = masks.chat_examples(
+                        tokenizer, messages, spec.train_on, n_prompt, specials, chat.row_tools(row, spec)[0],
+                        spec.chat_template_kwargs, spec.turn_mode, spec.train_on_reasoning)
+                except UserError as e:  # rows are split and shuffled by now: named by their first words
+                    raise UserError([f"{key}: the conversation that begins {opening(messages)}: {p}"
+                                     for p in e.problems]) from e
+            for example in examples:
+                if any(t != -100 for t in example["labels"][:max_length]):
+                    out["input_ids"].append(example["input_ids"][:max_length])
+                    out["labels"].append(example["labels"][:max_length])
         return out
 
     tokenized = map_batches(ds, encode, ["input_ids", "labels"], "Tokenizing conversations", num_proc)
     if isinstance(ds, datasets.IterableDataset):
         return tokenized
     lost = len(ds) - len(tokenized)
-    if lost:
+    if lost > 0:
         print(f"warning: {lost} examples have no trained token within data.max_length={max_length} and are "
               "skipped; raise data.max_length", flush=True)
     return tokenized
+
+
+def opening(messages: list[dict]) -> str:
+    text = " ".join(str(m.get("content") or "") for m in messages[:2]).strip()
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

@@ -76,6 +76,14 @@ class DataSpec(Spec):
     messages_column: str = "messages"  # lists of {role, content} turns (ShareGPT `conversations` also detected)
     chat_template: str | None = None  # unset: the tokenizer's; chatml, llama-3, mistral, gemma, phi, or a .jinja file
     train_on: TrainOn = "assistant"  # tokens that carry the loss
+    tools_column: str = "tools"  # per row: function schemas handed to the template (a list, or a JSON string)
+    strict_tools: bool = False  # a call to a function not in its row's tools: an error (default: a warning)
+    train_on_reasoning: bool = True  # false: an answer's reasoning (reasoning_content) is context, not loss
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to every rendering (training, validate, generate,
+    # chat), e.g. {enable_thinking: false}: render as the model will be served
+    turn_mode: Literal["auto", "whole", "expand"] = "auto"  # whole: one example per conversation, every answer
+    # trained; expand: one example per answer, rendered as the last turn (for templates that rewrite earlier
+    # turns, such as Qwen3's dropping past reasoning); auto: expand only conversations that need it
     stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"  # a weighted mixture ends
     # when one source runs out (all_exhausted: when every source was seen, repeating the smaller ones)
     streaming: bool = False  # read data.train as a stream (nothing materialised); needs train.max_steps

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from finetune.data import chat
 from finetune.data import corpus
+from finetune.data import masks
 from finetune.data import text as D
 from finetune.data.packing import CausalCollator, fitted_block, needs_boundaries, packed_dataset
 from finetune.data.sources import load_source
@@ -93,7 +94,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     if templated and recipe.method != "lora":  # plain transformers `generate` then stops at the end of a turn
-        model.generation_config.eos_token_id = chat.end_of_turn_ids(tokenizer)
+        model.generation_config.eos_token_id = masks.end_of_turn_ids(tokenizer, d.chat_template_kwargs)
     trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         save_adapter(model, run_dir)  # PiSSA/OLoRA: as a plain LoRA on the original base
@@ -102,7 +103,8 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
             model.save_pretrained(str(run_dir), save_embedding_layers=False)
         if templated:  # generate and chat render prompts with the template and stop at the end of a turn
             (run_dir / CHAT_FILE).write_text(json.dumps({"format": data.fmt, "end_of_turn": tokenizer.convert_ids_to_tokens(
-                chat.end_of_turn_ids(tokenizer))}, indent=1) + "\n")
+                masks.end_of_turn_ids(tokenizer, d.chat_template_kwargs))}
+                | ({"chat_template_kwargs": d.chat_template_kwargs} if d.chat_template_kwargs else {}), indent=1) + "\n")
 
     metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
     session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
@@ -276,16 +278,21 @@ def check(recipe: Recipe) -> tuple:
                                           if fmt == "text" and not packing else ""))
     more, block = step_notes(recipe, samples, max_length, packing)
     notes += more
-    chats = [(s, f, t) for s, _, f, t in samples if f != "text"]
+    chats = [(s, r, f, t) for s, r, f, t in samples if f != "text"]
     if chats:
-        source, fmt, tokenized = chats[0]
+        source, rows, fmt, tokenized = chats[0]
         trained = sum(t != -100 for labels in tokenized["labels"] for t in labels)
         total = sum(len(ids) for ids in tokenized["input_ids"])
-        colour = sys.stdout.isatty()
-        notes.append(f"loss on {trained / max(1, total):.1%} of the tokens (data.train_on: {source.spec.train_on}); "
-                     "the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
-        shown = chat.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour).rstrip("\n")
-        notes.append("  " + shown.replace("\n", "\n    "))
+        notes.append(f"loss on {trained / max(1, total):.1%} of the tokens (data.train_on: {source.spec.train_on})")
+        if chat.is_chat(fmt, rows[0], source.spec):
+            convs = [(*chat.to_messages(r, fmt, source.spec), chat.row_tools(r, source.spec)[0])
+                     for r in rows.select(range(min(len(rows), 200)))]
+            notes += masks.mask_report(tokenizer, convs, source.spec, sys.stdout.isatty())
+        else:
+            colour = sys.stdout.isatty()
+            notes.append("the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
+            shown = masks.show_mask(tokenizer, tokenized[0]["input_ids"], tokenized[0]["labels"], colour)
+            notes.append("  " + shown.rstrip("\n").replace("\n", "\n    "))
     return problems, notes, block  # the row length: the memory estimate's
 
 

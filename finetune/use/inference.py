@@ -86,17 +86,56 @@ def for_inference(model):
     return merge_adapter(model)
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict], templated: bool) -> list[int]:
+def prompt_ids(tokenizer, prompt: str | list[dict], templated: bool, tools: list | None = None,
+               kwargs: dict | None = None) -> list[int]:
     """Token ids of a prompt, exactly as training tokenized it: rendered with the chat template (a string
-    becomes one user message) and the generation prompt, or plain text with the tokenizer's special tokens."""
-    from finetune.data import chat
+    becomes one user message), the tools and the template options, and the generation prompt; or plain text
+    with the tokenizer's special tokens."""
+    from finetune.data import templates
 
-    if isinstance(prompt, list) or templated:
+    if isinstance(prompt, list) or templated or tools:
         if not tokenizer.chat_template:
             raise UserError("prompt: messages need a chat template, and this model's tokenizer has none")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return chat.encode(tokenizer, chat.render(tokenizer, messages, generation_prompt=True))
+        return templates.encode(tokenizer, templates.render(tokenizer, messages, True, tools, kwargs))
     return tokenizer(prompt)["input_ids"]
+
+
+def template_kwargs(source: str) -> dict | None:
+    """The run's data.chat_template_kwargs (its chat.json), rendered with every prompt as in training."""
+    import json
+
+    path = Path(source) / "chat.json"
+    return json.loads(path.read_text()).get("chat_template_kwargs") if path.is_file() else None
+
+
+def read_tools(path: Path | None) -> list | None:
+    """--tools FILE: a JSON list of function schemas (as a row's `tools`)."""
+    import json
+
+    from finetune.data.templates import tool_name
+
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--tools: cannot read '{path}' as JSON ({e}); give a JSON list of tools") from None
+    if not isinstance(tools, list) or not tools or any(tool_name(t) is None for t in tools):
+        raise UserError(f"--tools: '{path}' must be a JSON list of tools, each "
+                        '{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+    return tools
+
+
+def shown_answer(text: str, tools: list | None) -> str:
+    """An answer as printed: a tool call as parsed JSON ({"name", "arguments"}, one per line) when the text is
+    one in a known format (and tools were offered), otherwise the text."""
+    import json
+
+    from finetune.data.templates import parse_tool_calls
+
+    calls = parse_tool_calls(text) if tools else None
+    return "\n".join(json.dumps({"tool_call": c}) for c in calls) if calls else text
 
 
 def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
@@ -104,9 +143,9 @@ def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, 
     """New tokens for each prompt (left-padded together), cut at the first end-of-turn token."""
     import torch
 
-    from finetune.data import chat
+    from finetune.data.masks import end_of_turn_ids
 
-    stops = chat.end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     longest = max(map(len, batch))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in batch], device=model.device)
@@ -124,26 +163,38 @@ def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, 
 
 
 def generate_text(source: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                  seed: int, raw: bool = False) -> str:
-    """The prompt continued (plain runs, or `raw`), or the assistant's answer (runs trained on chat data)."""
+                  seed: int, raw: bool = False, tools: list | None = None) -> str:
+    """The prompt continued (plain runs, or `raw`), or the assistant's answer (runs trained on chat data, or
+    given `tools`), a tool call shown as parsed JSON."""
     from transformers import set_seed
 
     model, tokenizer, templated = load_for_generation(source)
-    templated = templated and not raw
+    templated = (templated or bool(tools)) and not raw
     set_seed(seed)
-    ids = prompt_ids(tokenizer, prompt, templated)
+    ids = prompt_ids(tokenizer, prompt, templated, tools, template_kwargs(source))
     if not ids:  # no BOS to start from, and no text
         raise UserError("prompt: empty; give some text to continue, for example finetune generate RUN \"Once upon a time\"")
     new = generate_ids(model, tokenizer, [ids], max_new_tokens, temperature, top_p)[0]
     if templated:
-        return tokenizer.decode(new, skip_special_tokens=True)
+        return shown_answer(answer_text(tokenizer, new, tools), tools)
     return tokenizer.decode(ids + new, skip_special_tokens=True)
 
 
+def answer_text(tokenizer, new: list[int], tools: list | None) -> str:
+    """A generated answer as text; with tools, added tokens such as <tool_call> stay, so that a call is read."""
+    if not tools:
+        return tokenizer.decode(new, skip_special_tokens=True)
+    specials = set(tokenizer.all_special_ids)
+    return tokenizer.decode([t for t in new if t not in specials], skip_special_tokens=False)
+
+
 def generate_file(source: str, data: Path, output: Path, batch_size: int, max_new_tokens: int, temperature: float,
-                  top_p: float, seed: int, raw: bool = False) -> dict:
-    """One JSON line per row of `data` (`prompt` strings or `messages` conversations) with the generated text,
-    in batches of prompts of similar length. Returns rows, new tokens and seconds."""
+                  top_p: float, seed: int, raw: bool = False, tools: list | None = None) -> dict:
+    """One JSON line per row of `data` (`prompt` strings or `messages` conversations, each with its own `tools`
+    or `tools` for all) with the generated text (and `tool_calls`, parsed, where it is one), in batches of
+    prompts of similar length. Returns rows, new tokens and seconds."""
+    from finetune.data.templates import parse_tool_calls
+
     import json
     import time
 
@@ -151,9 +202,12 @@ def generate_file(source: str, data: Path, output: Path, batch_size: int, max_ne
 
     rows = read_prompts(data)
     model, tokenizer, templated = load_for_generation(source)
+    kwargs = template_kwargs(source)
+    offered = [r.get("tools") or tools for r in rows]
     templated = templated and not raw
     set_seed(seed)
-    encoded = [prompt_ids(tokenizer, r.get("messages") or r.get("prompt"), templated) for r in rows]
+    encoded = [prompt_ids(tokenizer, r.get("messages") or r.get("prompt"), templated, t, kwargs)
+               for r, t in zip(rows, offered)]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))  # less padding per batch
     answers: dict[int, list[int]] = {}
     start = time.perf_counter()
@@ -166,7 +220,9 @@ def generate_file(source: str, data: Path, output: Path, batch_size: int, max_ne
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as f:
         for i, row in enumerate(rows):
-            f.write(json.dumps({**row, "generated": tokenizer.decode(answers[i], skip_special_tokens=True)}) + "\n")
+            text = answer_text(tokenizer, answers[i], offered[i])
+            calls = parse_tool_calls(text) if offered[i] else None
+            f.write(json.dumps({**row, "generated": text} | ({"tool_calls": calls} if calls else {})) + "\n")
     return {"rows": len(rows), "new_tokens": sum(map(len, answers.values())), "seconds": seconds}
 
 
@@ -197,7 +253,7 @@ def read_prompts(data: Path) -> list[dict]:
 
 
 def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                 system: str | None = None, read=input, write=print) -> None:
+                 system: str | None = None, read=input, write=print, tools: list | None = None) -> None:
     """An interactive chat: the template applied to the whole history, answers streamed as they are
     generated, `/reset` clears the history, `/system TEXT` sets the system prompt, `/quit` or EOF ends."""
     from transformers import TextStreamer, set_seed
@@ -209,6 +265,7 @@ def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: fl
         raise UserError(f"model: '{source}' has no chat template; train it on conversations (data.format: messages) "
                         "or use `finetune generate` for plain text")
     set_seed(seed)
+    kwargs = template_kwargs(source)
     limit = (context_length(model.config) or 2048) - max_new_tokens
     history: list[dict] = []
     write("chat: /system TEXT sets the system prompt, /reset clears the history, /quit ends")
@@ -231,15 +288,18 @@ def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: fl
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = prompt_ids(tokenizer, messages, True)
+        ids = prompt_ids(tokenizer, messages, True, tools, kwargs)
         while len(ids) > limit and len(history) > 2:  # forget the oldest exchange when the context is full
             history = history[2:]
             messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids = prompt_ids(tokenizer, messages, True)
+            ids = prompt_ids(tokenizer, messages, True, tools, kwargs)
         write("assistant: ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         new = generate_ids(model, tokenizer, [ids], max_new_tokens, temperature, top_p, streamer=streamer)[0]
-        history.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True).strip()})
+        text = answer_text(tokenizer, new, tools).strip()
+        if tools and shown_answer(text, tools) != text:  # a tool call: shown again, parsed
+            write(shown_answer(text, tools))
+        history.append({"role": "assistant", "content": text})
 
 
 def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
@@ -260,9 +320,10 @@ def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     if (run_dir / "chat.json").is_file():  # plain transformers `generate` then stops at the end of a turn
         from transformers import AutoTokenizer
 
-        from finetune.data.chat import end_of_turn_ids
+        from finetune.data.masks import end_of_turn_ids
 
-        merged.generation_config.eos_token_id = end_of_turn_ids(AutoTokenizer.from_pretrained(str(run_dir)))
+        merged.generation_config.eos_token_id = end_of_turn_ids(AutoTokenizer.from_pretrained(str(run_dir)),
+                                                                template_kwargs(str(run_dir)))
     merged.save_pretrained(str(out_dir))
     for f in run_dir.iterdir():  # tokenizer / processor files travel with the model
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "preprocessor", "spiece", "chat")):
