@@ -208,6 +208,7 @@ def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, 
     from finetune.data import chat, masks
 
     specials = masks.special_ids(tokenizer)
+    cut_answers = [0]  # examples whose trained tokens run past max_length (counted in this process)
 
     def encode(batch):
         out: dict[str, list] = {"input_ids": [], "labels": []}
@@ -226,6 +227,8 @@ def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, 
                     raise UserError([f"{key}: the conversation that begins {opening(messages)}: {p}"
                                      for p in e.problems]) from e
             for example in examples:
+                if any(t != -100 for t in example["labels"][max_length:]):
+                    cut_answers[0] += 1
                 if any(t != -100 for t in example["labels"][:max_length]):
                     out["input_ids"].append(example["input_ids"][:max_length])
                     out["labels"].append(example["labels"][:max_length])
@@ -234,6 +237,9 @@ def tokenize_examples(ds, tokenizer, spec: DataSpec, fmt: str, max_length: int, 
     tokenized = map_batches(ds, encode, ["input_ids", "labels"], "Tokenizing conversations", num_proc)
     if isinstance(ds, datasets.IterableDataset):
         return tokenized
+    if cut_answers[0]:
+        print(f"warning: {cut_answers[0]} examples are cut inside an answer by data.max_length={max_length} (their "
+              "answers, a tool call say, train incomplete); raise data.max_length", flush=True)
     lost = len(ds) - len(tokenized)
     if lost > 0:
         print(f"warning: {lost} examples have no trained token within data.max_length={max_length} and are "
