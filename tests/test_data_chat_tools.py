@@ -218,3 +218,18 @@ def test_generated_tool_calls_are_read_back():
         {"name": "get_weather", "arguments": {"city": "rome"}}]
     assert templates.parse_tool_calls("it is sunny.") is None
     assert templates.parse_tool_calls("<tool_call>\n{\"name\": broken}\n</tool_call>") is None
+
+
+def test_mask_report_says_which_conversations_expand_and_what_it_costs(qwen3):
+    spec = DataSpec()
+    convs = [(Q, 0, None), (Q[:2], 0, None)]
+    lines = masks.mask_report(qwen3, convs, spec, colour=False)
+    examples, _ = masks.chat_examples(qwen3, Q, "assistant")
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    once = len(templates.encode(qwen3, templates.render(qwen3, Q)))
+    assert lines[0] == (f"turn mode (auto): 1 conversations trained whole, 1 expanded into 3 examples (one per answer: "
+                        f"their template rewrites earlier turns), which hold {tokens:,} tokens against {once:,} "
+                        f"rendered once (x{tokens / once:.2f})")
+    assert lines[1].startswith("loss tokens: content ") and "reasoning" in lines[1]
+    masked = masks.mask_report(qwen3, convs, DataSpec(train_on_reasoning=False), colour=False)
+    assert " reasoning " not in masked[1] and masked[1].endswith("(data.train_on_reasoning: false)")
