@@ -82,7 +82,8 @@ def tool_run(tiny_llama, tmp_path_factory):
     data = write_jsonl(tmp / "calls.jsonl", rows(400, seed=0))
     out = tmp / "run"
     train(tiny_llama, data, out, method="full", steps=500, **{"data.chat_template": str(tmp / "tools.jinja"),
-                                                            "data.max_length": 128})
+                                                             "data.max_length": 128,
+                                                             "data.chat_template_kwargs.enable_thinking": "false"})
     (tmp / "tools.json").write_text(json.dumps(TOOLS))
     return out, tmp
 
@@ -104,12 +105,20 @@ def test_learns_to_call_the_right_function_with_the_right_argument_on_held_out_p
     assert right >= 0.75 * len(held_out), f"{right} of {len(held_out)} held-out calls right"
 
 
-def test_generate_with_tools_prints_the_call_parsed(tool_run):
+def test_generate_with_tools_prints_the_call_parsed(tool_run, monkeypatch):
+    from finetune.data import templates
+
     out, tmp = tool_run
+    assert json.loads((out / "chat.json").read_text())["chat_template_kwargs"] == {"enable_thinking": False}
+    seen = []  # the run's template options reach every rendering of generate
+    real = templates.render
+    monkeypatch.setattr(templates, "render", lambda *a, **k: (seen.append(a[4] if len(a) > 4 else k.get("kwargs")),
+                                                              real(*a, **k))[1])
     code, stdout, stderr = invoke("generate", out, "find the cat on the box", "--tools", tmp / "tools.json",
                                   "--temperature", "0", "--max-new-tokens", "60")
     assert code == 0, stderr
     assert json.loads(stdout) == {"tool_call": {"name": "find", "arguments": {"animal": "cat"}}}
+    assert seen and all(k == {"enable_thinking": False} for k in seen)
 
 
 def test_validate_shows_the_turn_mode_the_loss_by_kind_and_a_tool_example(tiny_gpt, tmp_path):
