@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from finetune import __version__
+from finetune.cli import ship
 from finetune.cli import tools
 from finetune.cli import use
 from finetune.cli.common import (Bf16Opt, DataOpt, MethodOpt, DebugOpt, DistOpt, EpochsOpt, EvalOpt, Fp16Opt, IpOpt,
@@ -208,9 +209,9 @@ def demo(
     guarded(debug, body)
 
 
-# Commands that use a trained run, then the tools around runs (use.py, tools.py).
+# Commands that use a trained run, then the tools around runs (use.py, ship.py, tools.py).
 for name, command in (("generate", use.generate), ("chat", use.chat), ("merge", use.merge),
-                      ("env", tools.env)):
+                      ("export", ship.export), ("env", tools.env)):
     app.command(name)(command)
 app.command("demo")(demo)
 for name, command in (("fill-mask", use.fill_mask), ("predict", use.predict),
