@@ -192,3 +192,26 @@ def test_default_lora_recipe_learns_on_minilm(tmp_path):
     accuracy, _ = bench.run_finetune(Path(minilm.__file__).parent / "model", train, test, tmp_path / "run", 2, {})
     assert accuracy >= 0.85
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"] < 2_000_000
+
+
+def test_tokens_a_template_adds_train_in_an_untied_head_too(tiny_llama, tmp_path):
+    """The tiny Llama's output layer is not tied to its embedding: the rows of <|im_start|> and <|im_end|> train
+    and are saved in both, so the model can learn to stop, and every load gives the same logits."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from test_tasks_clm import train
+    from test_tasks_clm_chat import chat_data
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    train(tiny_llama, chat_data(tmp_path), run, steps=10, **{"data.chat_template": "chatml", "data.max_length": 48})
+    saved = load_file(run / "adapter_model.safetensors")
+    heads = [k for k in saved if "lm_head" in k and "trainable_tokens" in k]
+    assert heads and all(saved[k].shape[0] == 2 for k in heads), list(saved)
+    tok = AutoTokenizer.from_pretrained(run)
+    ids = torch.tensor([tok("<|im_start|>user\nthe red cat<|im_end|>\n<|im_start|>assistant\n")["input_ids"]])
+    first, second = (AutoPeftModelForCausalLM.from_pretrained(str(run))(ids).logits for _ in range(2))
+    assert torch.equal(first, second)
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(run)).merge_and_unload()
+    assert torch.allclose(merged(ids).logits, first, atol=1e-5)

@@ -170,8 +170,24 @@ def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: l
                       modules_to_save=keep, task_type=task_type, fan_in_fan_out=uses_conv1d(model, targets),
                       use_dora=spec.use_dora, use_rslora=spec.use_rslora, init_lora_weights=init,
                       layers_to_transform=spec.layers_to_transform,
-                      trainable_token_indices=sorted({*(token_indices(spec, tokenizer) or []),
-                                                      *(trainable_tokens or [])}) or None)
+                      trainable_token_indices=token_layers(model, sorted({*(token_indices(spec, tokenizer) or []),
+                                                                          *(trainable_tokens or [])})))
+
+
+def token_layers(model, ids: list[int]):
+    """peft's trainable_token_indices for these rows: the input embedding's, and, when the output layer is not
+    tied to it, the output layer's too. Given a list, peft trains the input rows only: an untied head's rows
+    for tokens a template added (<|im_end|>) would stay at their random initialisation, so the model could not
+    learn to stop, and every load would draw them anew."""
+    if not ids:
+        return None
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or getattr(outputs, "weight", None) is None or outputs.weight is inputs.weight:
+        return ids
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    if id(inputs) not in names or id(outputs) not in names:
+        return ids
+    return {names[id(inputs)]: ids, names[id(outputs)]: ids}
 
 
 def embedding_rows(model) -> int | None:
