@@ -97,3 +97,30 @@ def test_offline_or_without_token_fails_before_training(tiny_gpt, toy_text, tmp_
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert push_problems("push") == ["push: no Hugging Face token; set HF_TOKEN or run `hf auth login` (a token "
                                      "with write access)"]
+
+
+def test_exports_go_up_as_they_are(tmp_path):
+    """A .gguf file, an Ollama folder (its GGUF and Modelfile) and a vLLM folder (a model without a recipe)."""
+    gguf = tmp_path / "sft.q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "other.txt").write_text("not this")
+    assert files_to_push(gguf) == ["sft.q8_0.gguf"]
+    api = FakeApi()
+    push_run(gguf, "me/sft-gguf", api=api)
+    upload = api.calls[-1][2]
+    assert upload["folder_path"] == str(tmp_path) and upload["allow_patterns"] == ["sft.q8_0.gguf"]
+    ollama = tmp_path / "sft-ollama"
+    ollama.mkdir()
+    (ollama / "sft.q8_0.gguf").write_bytes(b"GGUF")
+    (ollama / "Modelfile").write_text("FROM ./sft.q8_0.gguf\n")
+    (ollama / "notes.txt").write_text("x")
+    assert files_to_push(ollama) == ["Modelfile", "sft.q8_0.gguf"]
+    vllm = tmp_path / "sft-vllm"
+    vllm.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        (vllm / name).write_text("{}")
+    (vllm / "model.safetensors").write_bytes(b"\0")
+    assert files_to_push(vllm) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="is a file but not a .gguf export"):
+        files_to_push(tmp_path / "notes.txt")

@@ -197,14 +197,16 @@ def _builtin(name: str) -> Path:
 
 
 def push(
-    run: Annotated[str, typer.Argument(help="A finished run directory.")],
+    run: Annotated[str, typer.Argument(help="A finished run directory, or an export of one (a .gguf file, an "
+                                            "Ollama or vLLM folder from `finetune export`).")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id: user/name or org/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created if "
                                                                        "missing; default main).")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Upload a run to the Hugging Face Hub: model or adapter, tokenizer, card, recipe, metrics, log.
+    """Upload a run to the Hugging Face Hub: model or adapter, tokenizer, card, recipe, metrics, log; or an
+    export of it (a GGUF file, an Ollama folder, a vLLM folder).
 
     Never checkpoints/ or files holding a token. Needs HF_TOKEN or `hf auth login`.
     Example: finetune push runs/gpt2-lora me/gpt2-lora --private"""
@@ -217,8 +219,8 @@ def push(
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
             raise UserError(f"REPO_ID: '{repo_id}' is not a Hub repo id; write it as user/name or org/name")
         run_dir = Path(run)
-        if not run_dir.is_dir():
-            raise UserError(f"run: '{run}' is not a directory")
+        if not run_dir.exists():
+            raise UserError(f"run: no such run, file or folder '{run}'")
         files = files_to_push(run_dir)
         problems = push_problems("push")
         if problems:

@@ -2,7 +2,8 @@
 `train.push_to_hub: REPO_ID` at the end of a run).
 
 What goes up is what a user of the model needs: the adapter or the model, the tokenizer/processor,
-the card, the recipe, the metrics, the log and the curves picture. Never `checkpoints/` (optimizer
+the card, the recipe, the metrics, the log and the curves picture. An export (`finetune export`) goes up
+as it is: a .gguf file, an Ollama folder (its GGUF and Modelfile), or a model folder for vLLM. Never `checkpoints/` (optimizer
 state, and `training_args.bin` stores a Hub token in plain text), tracker folders, or any file in which
 a Hugging Face token appears. The selection is ours (`files_to_push`), passed to `upload_folder` as
 its allow patterns, with the never-list as ignore patterns on top.
@@ -29,9 +30,23 @@ def holds_token(path: Path) -> bool:
     return bool(TOKEN.search(path.read_bytes()))
 
 
+def push_folder(path: Path) -> Path:
+    """The folder the upload is made from: a .gguf file's own folder, or the path itself."""
+    return path.parent if path.is_file() else path
+
+
 def files_to_push(run_dir: Path) -> list[str]:
-    """Paths relative to the run directory, sorted; refuses a run with no trained model."""
-    if not (run_dir / "metrics.json").is_file():
+    """Paths relative to `push_folder`, sorted: a finished run's selection, a .gguf file, an Ollama folder's
+    GGUF and Modelfile, or a model folder's files (a vLLM export); refuses a run with no trained model."""
+    if run_dir.is_file():
+        if run_dir.suffix != ".gguf":
+            raise UserError(f"run: '{run_dir}' is a file but not a .gguf export; give a run directory, a .gguf "
+                            "file or an export folder")
+        return [run_dir.name]
+    if (run_dir / "Modelfile").is_file():
+        return sorted(p.name for p in run_dir.iterdir() if p.name == "Modelfile" or p.suffix == ".gguf")
+    exported = not (run_dir / "recipe.yaml").is_file() and (run_dir / "config.json").is_file()
+    if not exported and not (run_dir / "metrics.json").is_file():
         raise UserError(f"run: '{run_dir}' is not a finished run (no metrics.json); finish it first "
                         f"(finetune <command> --resume -o {run_dir})")
     if not any((run_dir / f).is_file() for f in ("adapter_config.json", "config.json")):
@@ -70,8 +85,8 @@ def card_for_hub(run_dir: Path, repo_id: str) -> bytes:
 
 def push_run(run_dir: Path, repo_id: str, private: bool = False, revision: str | None = None, api=None) -> str:
     """Create the repo (if needed) and upload the run's files in one commit; returns the repo URL."""
-    run_dir = Path(run_dir)
-    files = files_to_push(run_dir)
+    files = files_to_push(Path(run_dir))
+    run_dir = push_folder(Path(run_dir))
     if api is None:
         from huggingface_hub import HfApi
 
