@@ -75,3 +75,14 @@ def test_runs_lists_task_method_base_steps_metrics_status(tmp_path):
                                                 "finished"]
     assert rows[str(tmp_path / "cut")][1:] == ["clm", "lora", "gpt2", "3", "-", "interrupted"]
     assert rows[str(tmp_path / "chain" / "dpo")][1:] == ["dpo", "full", "runs/sft", "3", "-", "failed"]
+
+
+def test_runs_shows_an_eval_score_first_with_its_change_from_the_base(tmp_path):
+    write_run(tmp_path / "scored", LOG_A, {"steps": 2, "eval_loss": 2.5, "qa/exact_match": 0.75,
+                                            "qa/exact_match_stderr": 0.1, "qa/exact_match_base": 0.25})
+    (tmp_path / "scored" / "eval").mkdir()
+    (tmp_path / "scored" / "eval" / "qa.json").write_text("{}")
+    code, out, err = invoke("runs", str(tmp_path))
+    assert code == 0
+    row = next(ln for ln in out.splitlines() if ln.startswith(str(tmp_path / "scored")))
+    assert row.split()[5:] == ["qa/exact_match", "0.75", "(+0.5", "on", "the", "base)", "loss", "2.5", "finished"]

@@ -277,8 +277,8 @@ def test_refusals_are_one_line_and_leave_nothing_behind(chat_run, tiny_gpt, tmp_
     assert "overlaps the run directory" in refused(chat_run, "-o", chat_run / "m.gguf")
     assert "not a GGUF type (did you mean 'q4_0'?)" in refused(chat_run, "--quant", "q4-0", "-o", tmp_path / "x.gguf")
     monkeypatch.setattr(ex.gguf_writer, "llama_cpp_installed", lambda: False)
-    assert "q4_k_m needs llama.cpp's quantizer, from the llama-cpp-python package: pip install llama-cpp-python" in \
-        refused(chat_run, "--quant", "q4_k_m", "-o", tmp_path / "k.gguf")
+    assert ("q4_k_m needs llama.cpp's quantizer, from the llama-cpp-python package: pip install "
+            "'finetune-toolkit[llama-cpp]'") in refused(chat_run, "--quant", "q4_k_m", "-o", tmp_path / "k.gguf")
     monkeypatch.undo()
 
     from finetune.training.rundir import write_marker

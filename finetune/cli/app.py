@@ -16,6 +16,7 @@ import typer
 
 from finetune import __version__
 from finetune.cli import ship
+from finetune.cli.evaluate import eval_
 from finetune.cli import tools
 from finetune.cli import use
 from finetune.cli.common import (Bf16Opt, DataOpt, MethodOpt, DebugOpt, DistOpt, EpochsOpt, EvalOpt, Fp16Opt, IpOpt,
@@ -209,9 +210,9 @@ def demo(
     guarded(debug, body)
 
 
-# Commands that use a trained run, then the tools around runs (use.py, ship.py, tools.py).
+# Commands that use a trained run, then the tools around runs (use.py, evaluate.py, ship.py, tools.py).
 for name, command in (("generate", use.generate), ("chat", use.chat), ("merge", use.merge),
-                      ("export", ship.export), ("env", tools.env)):
+                      ("eval", eval_), ("export", ship.export), ("env", tools.env)):
     app.command(name)(command)
 app.command("demo")(demo)
 for name, command in (("fill-mask", use.fill_mask), ("predict", use.predict),

@@ -60,10 +60,17 @@ def describe_run(run: Path) -> dict[str, Any]:
         status = rundir_status(run)  # killed, when its process is gone
     model = recipe.get("model") or {}
     shown = {k: metrics[k] for k in SHOWN if isinstance(metrics.get(k), (int, float))}
+    scored = [k for k, v in metrics.items() if "/" in k and isinstance(v, (int, float)) and not k.endswith(
+        ("_stderr", "_base")) and (run / "eval" / f"{k.split('/')[0]}.json").is_file()]
+    if scored:  # `finetune eval`'s first score goes first, with its change from the base where measured
+        shown = {scored[0]: metrics[scored[0]], **shown}
     return {"run": str(run), "task": recipe.get("task", "clm"), "method": recipe.get("method", "lora"),
             "base": model.get("name") or model.get("config") or "-",
             "steps": metrics.get("steps", metrics.get("iterations")) or last_step(run),
-            "metrics": dict(list(shown.items())[:2]), "status": status}
+            "metrics": dict(list(shown.items())[:2]), "base_scores": {k: metrics[f"{k}_base"] for k in shown
+                                                                       if isinstance(metrics.get(f"{k}_base"),
+                                                                                     (int, float))},
+            "status": status}
 
 
 def runs_table(root: Path) -> list[str]:
@@ -72,7 +79,9 @@ def runs_table(root: Path) -> list[str]:
         return [f"no runs under {root} (a run is a directory with a recipe.yaml)"]
     cells = [["run", "task", "method", "base", "steps", "metrics", "status"]]
     for r in rows:
-        shown = "  ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in r["metrics"].items()) or "-"
+        shown = "  ".join(f"{k.removeprefix('eval_')} {v:.4g}" + (f" ({v - r['base_scores'][k]:+.4g} on the base)"
+                                                                   if k in r["base_scores"] else "")
+                          for k, v in r["metrics"].items()) or "-"
         cells.append([r["run"], r["task"], r["method"], r["base"], str(r["steps"] or "-"), shown, r["status"]])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]

@@ -42,7 +42,7 @@ RUN_FILES = {
     "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model",
     "added_tokens.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
-    "training_args.bin", "critic", "value_head.safetensors",
+    "training_args.bin", "critic", "value_head.safetensors", "eval",
 }
 
 

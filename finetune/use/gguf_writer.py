@@ -225,8 +225,8 @@ def check_quant(quant: str) -> str:
     if quant in K_QUANTS:
         if not llama_cpp_installed():
             raise UserError(f"--quant: {quant} needs llama.cpp's quantizer, from the llama-cpp-python package: pip "
-                            "install llama-cpp-python (it builds llama.cpp from source, a few minutes); without it "
-                            f"choose one of {', '.join(NATIVE)}")
+                            "install 'finetune-toolkit[llama-cpp]' (it builds llama.cpp from source, a few minutes); "
+                            f"without it choose one of {', '.join(NATIVE)}")
         return quant
     known = NATIVE + K_QUANTS
     raise UserError(f"--quant: '{quant}' is not a GGUF type{did_you_mean(quant, known)}; choose one of "
