@@ -264,7 +264,7 @@ def test_an_instruct_model_answers_through_its_chat_template(tiny_gpt, lora_run,
 
     from transformers import AutoTokenizer
 
-    from finetune.data.chat import set_template
+    from finetune.data.templates import set_template
     from finetune.use.inference import load_for_generation
 
     instruct = tmp_path / "instruct"

@@ -216,7 +216,7 @@ def test_chain_sft_on_conversations_then_dpo_on_conversational_pairs(tiny_gpt_lm
     """The SFT stage's template travels with its merged model: the DPO stage renders its pairs with it."""
     import yaml
 
-    from finetune.data.chat import TEMPLATES
+    from finetune.data.templates import TEMPLATES
 
     rng = random.Random(0)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [
