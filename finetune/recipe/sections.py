@@ -169,6 +169,8 @@ class TrainSpec(Spec):
     torch_compile: bool = False  # compile the model with torch.compile: faster steps after a slow first one
     neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: noise on input embeddings (5 in the paper)
     push_to_hub: str | None = None  # Hub repo id (user/name) a finished run is uploaded to (needs HF_TOKEN)
+    eval_tasks: list[str] | None = None  # scored when the run finishes (finetune eval, lm-eval): lm-eval task
+    # names, task YAML files, or .jsonl files of the --data shorthand; results in RUN/eval and metrics.json
     nan_patience: int = Field(0, ge=0)  # non-finite gradient steps skipped in a row before the run stops
     trainer_args: dict[str, Any] = {}  # passed to transformers.TrainingArguments unchanged
 

@@ -250,7 +250,9 @@ def settle(recipe: Recipe, claim: rundir.Claim | None, outcome: str, step: int |
             print(note, flush=True)
         if outcome == "finished":
             from finetune.hub.push import push_after_run
+            from finetune.use.evaluate import evaluate_after_run
 
+            evaluate_after_run(recipe)  # before the push: the card then carries the scores
             push_after_run(recipe)
     elif launched_child() and is_main_process() and (recipe.output_dir / rundir.MARKER).is_file():
         rundir.write_marker(recipe.output_dir, status=outcome, **({"step": step} if step is not None else {}))

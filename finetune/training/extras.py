@@ -128,7 +128,27 @@ def extras_problems(recipe: Recipe) -> list[str]:
         from finetune.hub.push import push_problems
 
         out += push_problems("train.push_to_hub")
+    if recipe.train.eval_tasks:
+        out += eval_problems(recipe)
     return out
+
+
+def eval_problems(recipe: Recipe) -> list[str]:
+    """train.eval_tasks: a causal LM, lm-eval installed, and the local task files there (checked before
+    training, so that a run does not end with an evaluation that cannot start)."""
+    import importlib.util
+
+    problems = []
+    if recipe.task != "clm":
+        problems.append(f"train.eval_tasks: scores causal language models (lm-eval); this run's task is "
+                        f"{recipe.task}; drop it")
+    if importlib.util.find_spec("lm_eval") is None:
+        problems.append("train.eval_tasks: lm-evaluation-harness is not installed; pip install "
+                        "'finetune-toolkit[eval]' (or lm-eval)")
+    for item in recipe.train.eval_tasks or []:
+        if item.endswith((".jsonl", ".yaml", ".yml")) and not Path(item).expanduser().is_file():
+            problems.append(f"train.eval_tasks: no such file '{item}'")
+    return problems
 
 
 def check_extras(recipe: Recipe) -> None:

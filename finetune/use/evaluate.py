@@ -368,3 +368,26 @@ def evaluate_run(run: str | Path, tasks: list[str] | None = None, data: list[str
         if card := update_card(run_dir, recipe, metrics):
             written.append(card)
     return {"tasks": summary, "files": written, "seconds": seconds, "precision": about["precision"]}
+
+
+def evaluate_after_run(recipe) -> None:
+    """train.eval_tasks: score the finished run (on the process that owns the run directory, after training).
+    A failed evaluation is reported and leaves the run finished: `finetune eval RUN` can try again."""
+    if not recipe.train.eval_tasks:
+        return
+    from finetune.errors import UserError
+
+    items = list(recipe.train.eval_tasks)
+    data = [t for t in items if t.endswith(".jsonl")]
+    tasks = [t for t in items if t not in data]
+    print(f"eval: {', '.join(items)} (train.eval_tasks)", flush=True)
+    try:
+        result = evaluate_run(recipe.output_dir, tasks or None, data or None)
+    except UserError as e:
+        for problem in e.problems:
+            print(f"warning: train.eval_tasks: {problem}; the run is finished: score it later with "
+                  f"finetune eval {recipe.output_dir}", flush=True)
+        return
+    for line in eval_tasks.table(result["tasks"]):
+        print(line, flush=True)
+    print("results: " + ", ".join(str(p) for p in result["files"]), flush=True)
