@@ -105,6 +105,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
         print(f"reward {metrics['reward_start']:.4f} -> {metrics['reward_end']:.4f} over {iterations} iterations; "
               f"kl {metrics['kl_end']:.4f}{held_out}", flush=True)
     session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    # Every process leaves together (end_training then tears the process group down on all of them): a process
+    # whose peer had already exited hung for good in gloo's teardown (~ProcessGroupGloo, freeing the DDP reducer).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
