@@ -81,6 +81,8 @@ class DataSpec(Spec):
     train_on_reasoning: bool = True  # false: an answer's reasoning (reasoning_content) is context, not loss
     chat_template_kwargs: dict[str, Any] | None = None  # passed to every rendering (training, validate, generate,
     # chat), e.g. {enable_thinking: false}: render as the model will be served
+    on_overflow: Literal["drop", "error"] = "drop"  # vlm: an example longer than max_length once its images are
+    # expanded is dropped and counted, or refused with its row (never cut inside an image's tokens)
     turn_mode: Literal["auto", "whole", "expand"] = "auto"  # whole: one example per conversation, every answer
     # trained; expand: one example per answer, rendered as the last turn (for templates that rewrite earlier
     # turns, such as Qwen3's dropping past reasoning); auto: expand only conversations that need it
@@ -112,6 +114,8 @@ class LoraSpec(Spec):
     init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"  # pissa/olora start from the base's
     # principal directions (faster convergence); loftq fits a 4-bit base's quantisation error (CUDA)
     layers_to_transform: list[int] | None = Field(None, min_length=1)  # adapt only these layers (0-based); null: all
+    vision: bool = False  # vlm: adapters on the vision tower too (default: the language model only)
+    projector: bool = False  # vlm: adapters on the projector between the vision tower and the language model
     trainable_tokens: list[str | int] | None = Field(None, min_length=1)  # embedding rows trained in full, by
     # token or id: new special tokens (chat markers) start untrained otherwise
 

@@ -326,6 +326,7 @@ def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
                                                                 template_kwargs(str(run_dir)))
     merged.save_pretrained(str(out_dir))
     for f in run_dir.iterdir():  # tokenizer / processor files travel with the model
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "preprocessor", "spiece", "chat")):
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "preprocessor", "processor", "spiece",
+                              "chat", "added_tokens")):
             shutil.copy2(f, out_dir / f.name)
     return out_dir

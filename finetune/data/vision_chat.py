@@ -1,0 +1,335 @@
+"""Vision-language chat data: rows of images and messages, checked, and their loss masks on the processor's
+rendering with every image expanded to its tokens.
+
+Rows come in four shapes, all brought to trl's conversational vision format:
+
+    {"images": ["a.png"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", ...}]},
+                                        {"role": "assistant", "content": [{"type": "text", "text": "..."}]}]}
+    {"images": ["a.png"], "messages": [{"role": "user", "content": "<image>What is this?"}, ...]}  (ShareGPT /
+        LLaMA-Factory: `<image>` placeholders in the text, `conversations` with from/value also read)
+    {"image": "a.png", "question": "...", "answer": "..."}  (VQA: one user turn, one answer)
+    {"image": "a.png", "caption": "..."}  (captioning: the user turn is the image alone, the caption the answer)
+
+Image paths are relative to the data file; URLs are refused offline; the number of image places in the
+messages must equal the number of images.
+
+The mask is found as text chat finds it (finetune/data/masks.py), on what the model will see: the processor
+renders messages[:i] with the generation prompt and messages[:i+1], and tokenizes each with the images of
+those turns expanded (a dynamic-resolution model's count depends on the image size, so the images are
+processed, not guessed). When each rendering is a prefix of the whole, an answer is exactly the tokens between
+the two. Every example is checked: no trained token is an image token, no answer is empty. A template that
+breaks the prefix property gets one example per answer (as `turn_mode: auto`); one that breaks even that is
+refused. Examples are never cut: one longer than `max_length` is dropped and counted, or refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.data.masks import NotPrefix, trim_after_end_of_turn, trains
+from finetune.data.templates import special_ids
+from finetune.errors import UserError, first_line
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+         "model": "assistant"}
+PLACEHOLDER = "<image>"
+OVERFLOW = ("drop", "error")
+SHAPES = ("`images` + `messages` (trl), `<image>` placeholders in `messages`/`conversations` (ShareGPT), "
+          "`image` + `question` + `answer` (VQA) or `image` + `caption`")
+
+
+# ---------------------------------------------------------------------------------------
+# Rows
+
+
+def is_url(item: Any) -> bool:
+    return isinstance(item, str) and item.split("://", 1)[0] in ("http", "https")
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0", "false") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def content_items(content: Any, where: str) -> list[dict]:
+    """A message's content as a list of {"type": "image"} / {"type": "text", "text"} items."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        parts = content.split(PLACEHOLDER)
+        items: list[dict] = []
+        for k, part in enumerate(parts):
+            if k:
+                items.append({"type": "image"})
+            if part:
+                items.append({"type": "text", "text": part})
+        return items
+    if not isinstance(content, list):
+        raise UserError(f"{where}: content must be a string or a list of image/text items, not "
+                        f"{type(content).__name__}")
+    items = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image" or (kind is None and isinstance(item, dict) and "image" in item):
+            items.append({"type": "image"})
+        elif kind == "text" and isinstance(item.get("text"), str):
+            items.extend(content_items(item["text"], where) if PLACEHOLDER in item["text"] else [item])
+        else:
+            raise UserError(f"{where}: content items must be {{\"type\": \"image\"}} or {{\"type\": \"text\", "
+                            f"\"text\": \"...\"}}, not {str(item)[:60]}")
+    return items
+
+
+def normalize(row: dict, r: int, key: str) -> dict:
+    """One row as {"messages": [{role, content: [items]}], "images": [items]}; one-line errors name the row."""
+    where = f"{key}: row {r}"
+    images = row.get("images")
+    if images is None:
+        images = [] if row.get("image") is None else [row["image"]]
+    if not isinstance(images, list):
+        images = [images]
+    turns = row.get("messages", row.get("conversations"))
+    if turns is None:
+        image = row.get("image")
+        if image is not None and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]
+        elif image is not None and isinstance(row.get("caption"), str):
+            turns = [{"role": "user", "content": [{"type": "image"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": row["caption"]}]}]
+        else:
+            raise UserError(f"{where}: not a vision chat row (fields {sorted(row)[:6]}); give {SHAPES}")
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: `messages` must be a non-empty list of turns")
+    messages = []
+    for t, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}, turn {t}: a turn must be an object with role and content")
+        role = ROLES.get(str(turn.get("role", turn.get("from"))))
+        if role is None:
+            raise UserError(f"{where}, turn {t}: unknown role '{turn.get('role', turn.get('from'))}'; use "
+                            "system, user or assistant")
+        items = content_items(turn.get("content", turn.get("value")), f"{where}, turn {t}")
+        if role == "assistant" and any(i["type"] == "image" for i in items):
+            raise UserError(f"{where}, turn {t}: an assistant turn holds an image; the model answers in text, so "
+                            "put images in user turns")
+        message = {"role": role, "content": items}
+        for k in ("train", "weight"):
+            if k in turn:
+                message[k] = turn[k]
+        messages.append(message)
+    places = [t for t, m in enumerate(messages, 1) for i in m["content"] if i["type"] == "image"]
+    if len(places) != len(images):
+        shown = f" (in turns {sorted(set(places))})" if places else ""
+        raise UserError(f"{where}: {len(places)} image places{shown} but {len(images)} images in `images`; give "
+                        f"one image per {PLACEHOLDER} placeholder or {{\"type\": \"image\"}} item")
+    if not any(m["role"] == "assistant" and trains(m) and m["content"] for m in messages):
+        raise UserError(f"{where}: no assistant turn to train on; every row needs an answer")
+    return {"messages": messages, "images": images}
+
+
+def data_base_of(source: str) -> Path | None:
+    """The folder relative image paths of a data file are resolved against (None for a dataset)."""
+    path = Path(source).expanduser()
+    return path.resolve().parent if path.is_file() else (path.resolve() if path.is_dir() else None)
+
+
+def check_image(item: Any, where: str, base: Path | None) -> Any:
+    """The image item with a relative path resolved; a URL offline or a missing file is one line."""
+    from finetune.data.images import item_name, resolve
+
+    item = str(item) if isinstance(item, os.PathLike) else item
+    if is_url(item):
+        if offline():
+            raise UserError(f"{where}: image '{item}' is a URL and this machine is offline (HF_HUB_OFFLINE); "
+                            "download the images and give their paths")
+        return item
+    if isinstance(item, dict) and item.get("bytes"):
+        return item
+    if hasattr(item, "convert"):  # a PIL image, from a dataset or a caller
+        return item
+    item = resolve(item, base)
+    path = item.get("path") if isinstance(item, dict) else item
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{where}: an empty image entry ({str(item)[:60]}); give an image path")
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"{where}: image file '{item_name(item)}' does not exist; fix the path or remove the row")
+    return item
+
+
+def load_image(item: Any, where: str):
+    """A decoded RGB image (URLs fetched, only when online)."""
+    from finetune.data.images import open_image
+
+    item = str(item) if isinstance(item, os.PathLike) else item
+    if is_url(item):
+        import io
+        import urllib.request
+
+        from PIL import Image
+
+        try:
+            with urllib.request.urlopen(item, timeout=30) as response:  # noqa: S310 (http(s) only, checked)
+                return Image.open(io.BytesIO(response.read())).convert("RGB")
+        except OSError as e:
+            raise UserError(f"{where}: cannot fetch image '{item}' ({first_line(e)}); download it and give its "
+                            "path") from e
+    return open_image(item, where)
+
+
+def read_rows(rows: list[dict], key: str, base: Path | None) -> list[dict]:
+    """Every row normalized and its image files checked (URLs kept as they are)."""
+    out = []
+    for r, row in enumerate(rows):
+        ex = normalize(row, r, key)
+        ex["images"] = [check_image(item, f"{key}: row {r}, images[{j}]", base) for j, item in enumerate(ex["images"])]
+        out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering and the mask
+
+
+def image_token_ids(processor) -> set[int]:
+    """Ids of the tokens an image expands to, or that frame it (never trained)."""
+    tokenizer = processor.tokenizer
+    found: set[int] = set()
+    for name in dir(processor):
+        if not any(w in name for w in ("image", "vision", "video", "boi", "eoi")) or name.startswith("_"):
+            continue
+        try:
+            value = getattr(processor, name)
+        except Exception:  # properties that need inputs
+            continue
+        if name.endswith("_token_id") and isinstance(value, int):
+            found.add(value)
+        elif name.endswith("_token") and isinstance(value, str) and value:
+            found.update(tokenizer.encode(value, add_special_tokens=False))
+    unk = tokenizer.unk_token_id
+    return {i for i in found if i is not None and i != unk}
+
+
+def render(processor, messages: list[dict], generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
+    shaped = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return processor.apply_chat_template(shaped, tokenize=False, add_generation_prompt=generation_prompt)
+    except (TemplateError, ValueError) as e:
+        raise UserError(f"data.chat_template: the processor's chat template refuses a conversation: {first_line(e)}; "
+                        "fix the data or choose another template") from e
+
+
+def tokenize(processor, text: str, pics: list) -> list[int]:
+    """The ids the model sees: the rendering with each image expanded by the processor (the template writes
+    BOS itself, so the tokenizer adds no special tokens)."""
+    out = processor(text=[text], images=pics or None, add_special_tokens=False)
+    return list(out["input_ids"][0])
+
+
+def n_images(messages: list[dict]) -> int:
+    return sum(i["type"] == "image" for m in messages for i in m["content"])
+
+
+def examples_of(processor, messages: list[dict], pics: list, where: str, train_on: str = "assistant",
+                specials: set[int] | None = None, image_ids: set[int] | None = None) -> list[dict]:
+    """The examples of one conversation ({"input_ids", "labels", "text", "images"}: the image items they use),
+    masked by the prefix method on the processor's rendering and checked token by token."""
+    tokenizer = processor.tokenizer
+    specials = special_ids(tokenizer) if specials is None else specials
+    image_ids = image_token_ids(processor) if image_ids is None else image_ids
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and trains(m)]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+
+    def ids_of(k: int, generation_prompt: bool) -> list[int]:
+        return tokenize(processor, render(processor, messages[:k], generation_prompt), pics[:n_images(messages[:k])])
+
+    def example(k: int, spans: list[tuple[int, int]], ids: list[int]) -> dict:
+        labels = [-100] * len(ids)
+        for start, end in spans:
+            end = trim_after_end_of_turn(ids, start, end, specials, tokenizer)
+            if start >= end:
+                raise UserError(f"{where}: the chat template renders an answer as no tokens, so nothing would be "
+                                "trained; use another template (data.chat_template)")
+            labels[start:end] = ids[start:end]
+        leaked = sorted({t for t, lab in zip(ids, labels) if lab != -100 and t in image_ids})
+        if leaked:
+            raise UserError(f"{where}: image tokens {tokenizer.convert_ids_to_tokens(leaked)} fall inside an answer "
+                            "in the chat template's rendering, so the mask would train them; use another template")
+        text = render(processor, messages[:k], False)
+        return {"input_ids": ids, "labels": labels, "text": text, "images": pics[:n_images(messages[:k])]}
+
+    if train_on == "all":
+        ids = ids_of(len(messages), False)
+        return [{"input_ids": ids, "labels": [t if t not in image_ids else -100 for t in ids],
+                 "text": render(processor, messages, False), "images": list(pics)}]
+    ids = ids_of(len(messages), False)
+    try:
+        spans = []
+        for i in turns:
+            bounds = []
+            for k, gen in ((i, True), (i + 1, False)):
+                prefix = ids_of(k, gen)
+                if ids[:len(prefix)] != prefix:
+                    raise NotPrefix(k)
+                bounds.append(len(prefix))
+            spans.append((bounds[0], bounds[1]))
+        return [example(len(messages), spans, ids)]
+    except NotPrefix:
+        pass
+    out = []
+    for i in turns:  # the template rewrites earlier turns: one example per answer, the answer last
+        ids = ids_of(i + 1, False)
+        prompt = ids_of(i, True)
+        if ids[:len(prompt)] != prompt:
+            raise UserError(f"{where}, turn {i + 1}: the chat template renders the prompt differently once the "
+                            "answer follows it, even as the last turn (the prefix property fails on the rendering "
+                            "with images expanded), so the answer's tokens cannot be found exactly; use another "
+                            "template (data.chat_template)")
+        out.append(example(i + 1, [(len(prompt), len(ids))], ids))
+    return out
+
+
+def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | None = None,
+            max_length: int | None = None, on_overflow: str = "drop", train_on: str = "assistant"
+            ) -> tuple[list[dict], dict]:
+    """(examples, stats) of raw rows: normalized, images checked and opened, masked and checked, examples
+    longer than `max_length` (images expanded) dropped or refused. Each example keeps the image items it
+    uses, so a collator decodes them again batch by batch. stats: rows, examples, dropped, tokens (lengths),
+    image_sizes."""
+    if on_overflow not in OVERFLOW:
+        raise UserError(f"data.on_overflow: '{on_overflow}' is not one of {', '.join(OVERFLOW)}")
+    if getattr(processor, "image_processor", None) is None:
+        raise UserError("model.name: the model's processor has no image processor, so images cannot be read; "
+                        "use a vision-language model's processor")
+    specials, image_ids = special_ids(processor.tokenizer), image_token_ids(processor)
+    examples: list[dict] = []
+    stats: dict[str, Any] = {"rows": len(rows), "examples": 0, "dropped": 0, "dropped_rows": [], "tokens": [],
+                             "image_sizes": []}
+    for r, row in enumerate(read_rows(rows, key, base)):
+        where = f"{key}: row {r}"
+        pics = [load_image(item, f"{where}, images[{j}]") for j, item in enumerate(row["images"])]
+        stats["image_sizes"].extend(p.size for p in pics)
+        found = examples_of(processor, row["messages"], pics, where, train_on, specials, image_ids)
+        for ex in found:
+            n = len(ex["input_ids"])
+            if max_length is not None and n > max_length:
+                if on_overflow == "error":
+                    raise UserError(f"{where}: {n} tokens with its {len(pics)} images expanded, over data.max_length="
+                                    f"{max_length}; raise data.max_length, shrink the images, or set "
+                                    "data.on_overflow: drop")
+                stats["dropped"] += 1
+                stats["dropped_rows"].append(r)
+                continue
+            ex["images"] = row["images"][:len(ex["images"])]
+            ex["row"] = r
+            stats["tokens"].append(n)
+            examples.append(ex)
+    stats["examples"] = len(examples)
+    if not examples:
+        raise UserError(f"{key}: no example fits data.max_length={max_length} once its images are expanded; raise "
+                        "data.max_length or shrink the images")
+    return examples, stats

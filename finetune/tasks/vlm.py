@@ -1,0 +1,283 @@
+"""Vision-language fine-tuning: images and text in, text out, the loss on the answers only.
+
+    finetune lora --task vlm --model Qwen/Qwen2-VL-2B-Instruct --data vqa.jsonl -o runs/qwen2vl-vqa
+    finetune lora --task vlm --model llava-hf/llava-1.5-7b-hf --data pets.jsonl --set lora.vision=true -o runs/llava
+
+Model: an image-text-to-text checkpoint (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM, ...) with its
+processor, whose chat template renders the conversations and whose image processor expands each image.
+Data: vision chat rows (finetune/data/vision_chat.py): trl's `images` + `messages`, `<image>` placeholders
+(ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths relative to the data file.
+Recipe fields used: model.*, data.train/eval, data.max_length (tokens with images expanded; unset: 2048),
+data.on_overflow (drop|error), data.train_on, lora.* (lora.vision, lora.projector), train.*.
+With LoRA the language model's linear layers get adapters; the vision tower and the projector stay frozen
+unless lora.vision / lora.projector add them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from finetune.data import vision_chat as V
+from finetune.errors import UserError, first_line
+from finetune.models.adapters import apply_lora, is_adapter_dir
+from finetune.recipe.schema import Recipe
+from finetune.training import session
+
+MAX_LENGTH = 2048  # data.max_length when unset
+# Submodule names of the parts of a VLM, across transformers' families.
+LANGUAGE = ("language_model", "text_model")
+VISION = ("visual", "vision_tower", "vision_model", "vision_encoder")
+PROJECTOR = ("multi_modal_projector", "merger", "connector", "mm_projector", "visual.merger")
+
+
+def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> dict:
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    d = recipe.data
+    # 1. Processor: the chat template, the tokenizer and the image processor.
+    processor = load_processor(recipe.model)
+    # 2. Data: rows checked, masks derived and checked per example, over-long examples dropped (never cut).
+    max_length = d.max_length or MAX_LENGTH
+    on_overflow = d.on_overflow
+    train_rows, base = read_data(d.train, "data.train")
+    train, stats = V.prepare(processor, train_rows, "data.train", base, max_length, on_overflow, d.train_on)
+    report(stats, "data.train", max_length)
+    eval_ds = None
+    if d.eval:
+        eval_rows, eval_base = read_data(d.eval, "data.eval")
+        eval_ds, _ = V.prepare(processor, eval_rows, "data.eval", eval_base, max_length, on_overflow, d.train_on)
+    # 3. Model and LoRA on the language model (the vision tower and projector on request).
+    model = load_model(recipe)
+    if recipe.method == "lora":
+        model = with_lora(model, recipe.lora, vision=recipe.lora.vision, projector=recipe.lora.projector)
+    # 4. Train: images decoded batch by batch, ids checked against the prepared masks.
+    run_dir = session.start_run(recipe)
+    args = session.training_arguments(recipe, run_dir, remove_unused_columns=False)
+    checkpoint = session.resume_checkpoint(run_dir) if resume else None
+    trainer = make_trainer(model, processor, train, eval_ds, args,
+                           [*session.callbacks(recipe, run_dir, session.checkpoint_step(checkpoint) or 0),
+                            *(callbacks or [])])
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if eval_ds else None
+    trainer.save_model(str(run_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(run_dir))
+    metrics = session.run_metrics(trainer, train_output, eval_metrics, model)
+    metrics["examples_dropped"] = stats["dropped"]
+    session.finish_run(recipe, run_dir, metrics, usage(run_dir, recipe), next_steps(run_dir, recipe))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def read_data(source: str, key: str) -> tuple[list[dict], Path | None]:
+    """Rows of a .jsonl/.json file (image paths relative to it) or a dataset (its image columns kept)."""
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        try:
+            rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{key}: '{source}' is not valid JSON ({first_line(e)}); one object per line") from e
+        return rows, path.resolve().parent
+    from finetune.data.sources import load_source
+
+    return [dict(r) for r in load_source(str(source), key)], V.data_base_of(str(source))
+
+
+def report(stats: dict, key: str, max_length: int) -> None:
+    from finetune.data.text import length_stats
+
+    lengths = length_stats(stats["tokens"])
+    print(f"{key}: {stats['rows']} rows, {stats['examples']} examples; tokens with images expanded: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in lengths.items() if k != "count"), flush=True)
+    if stats["dropped"]:
+        print(f"warning: {key}: dropped {stats['dropped']} examples longer than data.max_length={max_length} once "
+              f"their images are expanded (rows {stats['dropped_rows'][:5]}); they are never cut, since a cut image "
+              "no longer matches its features", flush=True)
+
+
+class VisionCollator:
+    """Renders a batch with the processor (images decoded now) and puts each example's prepared labels on its
+    tokens. The processor must give back the very ids the mask was derived on: checked row by row."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        pics = [V.load_image(item, f"row {f.get('row', '?')}") for f in features for item in f["images"]]
+        batch = self.processor(text=[f["text"] for f in features], images=pics or None, padding=True,
+                               add_special_tokens=False, return_tensors="pt", padding_side="right")
+        labels = torch.full_like(batch["input_ids"], -100)
+        for b, f in enumerate(features):
+            n = len(f["input_ids"])
+            if batch["input_ids"][b, :n].tolist() != list(f["input_ids"]) or int(batch["attention_mask"][b].sum()) != n:
+                raise RuntimeError(f"row {f.get('row', '?')}: the processor's tokens differ from those the loss mask "
+                                   "was derived on")
+            labels[b, :n] = torch.tensor(f["labels"])
+        batch["labels"] = labels
+        return dict(batch)
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def load_processor(spec, source: str | None = None):
+    from transformers import AutoProcessor
+
+    name = source or spec.name
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"model.name: could not load a processor from '{name}': {first_line(e)}; a vision-language "
+                        "model needs its processor (tokenizer, chat template, image processor)") from e
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise UserError(f"model.name: '{name}' has no image processor with its tokenizer, so it does not take "
+                        "images; use an image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, "
+                        "idefics3, smolvlm, gemma3, paligemma)")
+    if not processor.chat_template:
+        raise UserError(f"data.chat_template: the processor of '{name}' has no chat template; use an instruct "
+                        "checkpoint or give the processor a template")
+    return processor
+
+
+def load_model(recipe: Recipe):
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.models import pretrained
+
+    config = pretrained.load_config(recipe.model)
+    if not hasattr(config, "vision_config"):
+        raise UserError(f"model.name: '{recipe.model.name}' is a {config.model_type} model, which takes no images; "
+                        "use an image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, "
+                        "smolvlm, gemma3, paligemma)")
+    model = pretrained.load_model(recipe.model, AutoModelForImageTextToText,
+                                  recipe.quant if recipe.quant.bits else None)
+    model.config.use_cache = False
+    return model
+
+
+def part_names(model, parts: tuple[str, ...]) -> list[str]:
+    """Qualified names of the outermost submodules whose last name is one of `parts`."""
+    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in parts]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def lora_targets(model, vision: bool = False, projector: bool = False) -> str:
+    """A peft target regex: the linear layers of the language model, and of the vision tower and the
+    projector on request; never the LM head (it ties to the embeddings in many VLMs)."""
+    import torch
+
+    roots = part_names(model, LANGUAGE)
+    if not roots:
+        raise UserError("lora.target_modules: cannot find the language model in this VLM (no submodule named "
+                        f"{' or '.join(LANGUAGE)}); set lora.target_modules")
+    projectors = part_names(model, PROJECTOR)
+    if vision:
+        roots += [n for n in part_names(model, VISION)]
+    if projector:
+        roots += projectors
+    skip = [] if projector else projectors  # Qwen2-VL's merger sits inside its vision tower
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and any(n.startswith(r + ".") for r in roots) and not any(n.startswith(s + ".") for s in skip)]
+    if not linear:
+        raise UserError("lora.target_modules: no linear layer in the language model; set lora.target_modules")
+    return "^(" + "|".join(re.escape(n) for n in linear) + ")$"
+
+
+def with_lora(model, spec, vision: bool = False, projector: bool = False):
+    if spec.target_modules is None:
+        spec = spec.model_copy(update={"target_modules": lora_targets(model, vision, projector)})
+    return apply_lora(model, spec, None)
+
+
+def make_trainer(model, processor, train: list[dict], eval_ds: list[dict] | None, args, callbacks: list | None = None):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds,
+                   data_collator=VisionCollator(processor), callbacks=callbacks or None)
+
+
+def train_vlm(model, processor, rows: list[dict], output_dir: str | Path, base: Path | None = None, lora=None,
+              max_length: int = MAX_LENGTH, on_overflow: str = "drop", **training_args):
+    """Prepare `rows` and train `model` on them with the VisionCollator; `lora` (a LoraSpec) adds adapters
+    on the language model first. Returns (model, examples' stats, the Trainer's output)."""
+    from transformers import TrainingArguments
+
+    examples, stats = V.prepare(processor, rows, "data.train", base, max_length, on_overflow)
+    if lora is not None:
+        model = with_lora(model, lora)
+    defaults = dict(output_dir=str(output_dir), report_to=[], save_strategy="no", logging_steps=10,
+                    remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(**{**defaults, **training_args})
+    output = make_trainer(model, processor, examples, None, args).train()
+    return model, stats, output
+
+
+# ---------------------------------------------------------------------------------------
+# Using a run
+
+
+def usage(run_dir: Path, recipe: Recipe) -> str:
+    if recipe.method == "lora":
+        load = f'from finetune.tasks.vlm import load_trained\nmodel = load_trained("{run_dir}")  # a PeftModel over its base\n'
+    else:
+        load = f'model = AutoModelForImageTextToText.from_pretrained("{run_dir}")\n'
+    return ("```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n" + load
+            + f'processor = AutoProcessor.from_pretrained("{run_dir}")\n```')
+
+
+def next_steps(run_dir: Path, recipe: Recipe) -> list[str]:
+    """Answers come from transformers for now (the card shows how); a LoRA run merges into a plain model."""
+    return [f"finetune merge {run_dir} -o {run_dir}-merged"] if recipe.method == "lora" else []
+
+
+def load_trained(run_dir: Path, **kwargs):
+    """The trained model of a run (a PeftModel over its base for LoRA runs) or a plain model directory;
+    `base=MODEL` puts a LoRA run's adapter on a model already in memory."""
+    base = kwargs.pop("base", None)
+    from transformers import AutoModelForImageTextToText
+
+    run_dir = Path(run_dir)
+    if not is_adapter_dir(run_dir):
+        return AutoModelForImageTextToText.from_pretrained(str(run_dir), **kwargs)
+    from peft import PeftModel
+
+    if base is None:
+        config = json.loads((run_dir / "adapter_config.json").read_text())
+        base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"], **kwargs)
+    return PeftModel.from_pretrained(base, str(run_dir))
+
+
+def check(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """`finetune validate`: rows and masks checked, token statistics with images expanded, image sizes."""
+    from finetune.data.text import length_stats
+
+    d = recipe.data
+    max_length = d.max_length or MAX_LENGTH
+    try:
+        processor = load_processor(recipe.model)
+        rows, base = read_data(d.train, "data.train")
+        _, stats = V.prepare(processor, rows, "data.train", base, max_length, d.on_overflow,
+                             d.train_on)
+    except UserError as e:
+        return e.problems, []
+    lengths = length_stats(stats["tokens"])
+    widths = sorted(w for w, _ in stats["image_sizes"]) or [0]
+    heights = sorted(h for _, h in stats["image_sizes"]) or [0]
+    notes = [f"data.train: {stats['rows']} rows, {stats['examples']} examples, {len(stats['image_sizes'])} images",
+             "tokens with images expanded: " + ", ".join(f"{k} {v:.0f}" for k, v in lengths.items() if k != "count")
+             + f" (data.max_length {max_length})",
+             f"image sizes: width {widths[0]}-{widths[-1]}, height {heights[0]}-{heights[-1]}"]
+    if stats["dropped"]:
+        notes.append(f"{stats['dropped']} examples exceed data.max_length={max_length} with their images expanded "
+                     "and will be dropped (data.on_overflow: drop)")
+    return [], notes

@@ -1,0 +1,420 @@
+"""Vision-language fine-tuning: rows, masks checked token by token on each family's processor rendering, no
+cut inside an image's tokens, learnability, LoRA on the language model, adapter reload and merge.
+
+The tiny models are built from their configs here (hidden 64, two layers, a two-layer vision tower) with a
+processor assembled from a BPE tokenizer, an image processor and a chat template in the family's shape:
+Qwen2-VL (dynamic resolution: the image size sets its token count) and LLaVA (a fixed count per image)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from finetune.errors import UserError
+
+SHAPES = ["circle", "square", "triangle"]
+COLOURS = {"circle": "red", "square": "green", "triangle": "blue"}
+QUESTION = "what shape is this?"
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# llava-1.5's template (images first in a turn, USER:/ASSISTANT:), with eos ending each answer
+LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{% for c in m['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ c['text'] }}{% endfor %}{% endif %}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+    "{% else %}{{ ' ' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def corpus() -> list[str]:
+    rng = random.Random(0)
+    words = SHAPES + list(COLOURS.values()) + ["what", "shape", "is", "this", "a", "and", "the", "picture", "colour"]
+    return [f"{QUESTION} a {c} {s}. " + " ".join(rng.choice(words) for _ in range(8)) for s, c in COLOURS.items()
+            for _ in range(60)] + ["USER: ASSISTANT: system user assistant You are a helpful assistant."] * 20
+
+
+def tokenizer_with(tokens: list[str]):
+    from finetune.models.pretrained import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(corpus(), vocab_size=320)
+    tok.add_tokens(tokens, special_tokens=True)
+    return tok
+
+
+def tiny_qwen2_vl():
+    """(model, processor): Qwen2-VL, patch 4 and merge 2: a 16x16 image is 4 tokens, 32x32 is 16."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        # Qwen2-VL's processor also wants a video processor, which needs torchvision; images need none
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    tok = tokenizer_with(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                          "<|video_pad|>"])
+    ids = tok.convert_tokens_to_ids
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                      max_pixels=64 * 64)
+    processor = ImageOnlyProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def tiny_llava():
+    """(model, processor): LLaVA with a CLIP tower on 16x16 images, patch 4: 16 image tokens per image."""
+    import torch
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = tokenizer_with(["<image>"])
+    images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=16, patch_size=4, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16, vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "llava": tiny_llava}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    model, processor = FAMILIES[request.param]()
+    return request.param, model, processor
+
+
+def draw(shape: str, rng: random.Random, size: int = 16):
+    """A coloured shape at a random place and size on a grey, noisy background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    pen = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.randrange(size), rng.randrange(size)
+        pen.point((x, y), fill=tuple(rng.randrange(90, 170) for _ in range(3)))
+    r = rng.randint(size // 4, size // 3)
+    cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
+    colour = COLOURS[shape]
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return image
+
+
+def shape_rows(folder, n: int, seed: int, size: int = 16) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        shape = SHAPES[k % len(SHAPES)]
+        name = f"s{seed}-{k}.png"
+        draw(shape, rng, size).save(folder / name)
+        rows.append({"images": [name], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"a {COLOURS[shape]} {shape}."}]}]})
+    return rows
+
+
+def two_turns(folder) -> dict:
+    """Two images, two answers, a system turn: images in both user turns, one of them between texts."""
+    rng = random.Random(1)
+    draw("circle", rng).save(folder / "one.png")
+    draw("square", rng, 32).save(folder / "two.png")
+    return {"images": ["one.png", "two.png"], "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "and this"}, {"type": "image"},
+                                     {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a green square."}]}]}
+
+
+# ---------------------------------------------------------------------------------------
+# Rows
+
+
+def test_row_shapes_become_one_format(tmp_path):
+    from finetune.data import vision_chat as V
+
+    (tmp_path / "a.png").write_bytes(b"")
+    trl = V.normalize({"images": ["a.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ans"}]}]}, 0, "data.train")
+    sharegpt = V.normalize({"images": ["a.png"], "conversations": [
+        {"from": "human", "value": "<image>q?"}, {"from": "gpt", "value": "ans"}]}, 0, "data.train")
+    vqa = V.normalize({"image": "a.png", "question": "q?", "answer": "ans"}, 0, "data.train")
+    assert trl == sharegpt == vqa
+    caption = V.normalize({"image": "a.png", "caption": "ans"}, 0, "data.train")
+    assert caption["messages"][0]["content"] == [{"type": "image"}]
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"images": ["a.png", "a.png"], "messages": [{"role": "user", "content": "<image>q"},
+                                                 {"role": "assistant", "content": "a"}]}, "1 image places"),
+    ({"images": ["missing.png"], "messages": [{"role": "user", "content": "<image>q"},
+                                              {"role": "assistant", "content": "a"}]}, "does not exist"),
+    ({"images": ["https://example.com/a.png"], "messages": [{"role": "user", "content": "<image>q"},
+                                                            {"role": "assistant", "content": "a"}]}, "offline"),
+    ({"images": [], "messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                   "content": [{"type": "image"}]}]}, "turn 2"),
+    ({"picture": "a.png", "text": "x"}, "not a vision chat row"),
+])
+def test_bad_rows_are_one_line_naming_the_row(tmp_path, monkeypatch, row, needle):
+    from finetune.data import vision_chat as V
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "a.png").write_bytes(b"")
+    rows = [{"image": "a.png", "caption": "fine"}, row]
+    with pytest.raises(UserError) as e:
+        V.read_rows(rows, "data.train", tmp_path)
+    message = str(e.value)
+    assert "data.train: row 1" in message and needle in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------
+# Masks, token by token
+
+
+def test_mask_trains_exactly_the_answers(family, tmp_path):
+    from finetune.data import vision_chat as V
+    from finetune.tasks.vlm import VisionCollator
+
+    name, model, processor = family
+    tok = processor.tokenizer
+    (example,), stats = V.prepare(processor, [two_turns(tmp_path)], base=tmp_path)
+    ids, labels = example["input_ids"], example["labels"]
+    image_ids = V.image_token_ids(processor)
+    n_image = sum(t == processor.image_token_id for t in ids)
+    assert n_image == (4 + 16 if name == "qwen2_vl" else 16 + 16)  # Qwen2-VL: tokens follow the image size
+    trained = [j for j, lab in enumerate(labels) if lab != -100]
+    assert all(labels[j] == ids[j] for j in trained)
+    assert not any(ids[j] in image_ids for j in trained)
+    runs, current = [], []  # contiguous trained spans
+    for j in range(len(ids)):
+        if labels[j] != -100:
+            current.append(ids[j])
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    end = "<|im_end|>" if name == "qwen2_vl" else tok.eos_token
+    assert [tok.decode(r) for r in runs] == [f"{a}{end}" for a in (
+        "a red circle.", "a green square.")] if name == "qwen2_vl" else [f" {a}{end}" for a in (
+            "a red circle.", "a green square.")]
+    untrained = tok.decode([t for t, lab in zip(ids, labels) if lab == -100 and t not in image_ids])
+    assert QUESTION in untrained and "circle" not in untrained and "square" not in untrained
+
+    # the collator pads to the longest, and neither padding nor the second row's prompt carries loss
+    short = V.prepare(processor, shape_rows(tmp_path, 1, 5), base=tmp_path)[0][0]
+    batch = VisionCollator(processor)([example, short])
+    assert batch["labels"][0].tolist() == labels
+    row = batch["labels"][1].tolist()
+    assert row[:len(short["labels"])] == short["labels"] and set(row[len(short["labels"]):]) == {-100}
+    assert (batch["attention_mask"][1] == 0).sum() == len(ids) - len(short["input_ids"])
+    import torch
+
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_template_that_breaks_the_prefix_property_is_expanded_or_refused(tmp_path):
+    from finetune.data import vision_chat as V
+
+    _, processor = tiny_llava()
+    row = two_turns(tmp_path)
+    # a template that marks past answers (as Qwen3 drops past reasoning): one example per answer
+    processor.chat_template = LLAVA_TEMPLATE.replace(
+        "{% if m['content'] is string %}", "{% if m['role'] == 'assistant' and not loop.last %}[old] {% endif %}"
+        "{% if m['content'] is string %}", 1)
+    examples, _ = V.prepare(processor, [row], base=tmp_path)
+    assert [len(e["images"]) for e in examples] == [1, 2]
+    tok = processor.tokenizer
+    assert [tok.decode([t for t, lab in zip(e["input_ids"], e["labels"]) if lab != -100]) for e in examples] == [
+        f" a red circle.{tok.eos_token}", f" a green square.{tok.eos_token}"]
+    assert "[old] a red circle." in tok.decode(examples[1]["input_ids"])
+    # one whose generation prompt is not what precedes the answer: refused, turn named
+    processor.chat_template = LLAVA_TEMPLATE.replace("'ASSISTANT:'", "'BOT:'")
+    with pytest.raises(UserError, match="row 0, turn 3: the chat template renders the prompt differently"):
+        V.prepare(processor, [row], base=tmp_path)
+
+
+def test_an_overlong_example_is_dropped_or_refused_never_cut(tmp_path):
+    from finetune.data import vision_chat as V
+
+    _, processor = tiny_qwen2_vl()
+    rows = shape_rows(tmp_path, 2, 0) + shape_rows(tmp_path, 1, 9, size=64)  # 64x64: 64 image tokens
+    lengths = [len(e["input_ids"]) for e in V.prepare(processor, rows, base=tmp_path)[0]]
+    limit = lengths[0] + 10
+    assert lengths[2] > limit > lengths[0]
+    kept, stats = V.prepare(processor, rows, base=tmp_path, max_length=limit)
+    assert stats["dropped"] == 1 and stats["dropped_rows"] == [2] and len(kept) == 2
+    with pytest.raises(UserError, match=r"row 2: \d+ tokens with its 1 images expanded, over data.max_length"):
+        V.prepare(processor, rows, base=tmp_path, max_length=limit, on_overflow="error")
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA: the language model only, reload and merge
+
+
+def test_lora_targets_the_language_model_and_reloads(family, tmp_path):
+    import torch
+
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import VisionCollator, load_trained, with_lora
+
+    from finetune.data import vision_chat as V
+
+    name, _, processor = family
+    model = FAMILIES[name]()[0]
+    model.save_pretrained(tmp_path / "base")
+    peft_model = with_lora(model, LoraSpec(r=4, alpha=8))
+    adapted = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert adapted and all("language_model" in n for n in adapted)
+    assert not any(k in n for n in adapted for k in ("visual", "vision_tower", "projector", "merger", "lm_head"))
+    with torch.no_grad():  # a trained adapter, not the zero-initialised one
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "run")
+    examples, _ = V.prepare(processor, shape_rows(tmp_path, 2, 3), base=tmp_path)
+    batch = VisionCollator(processor)(examples)
+    batch.pop("labels")
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+        base = type(model).from_pretrained(tmp_path / "base").eval()
+        assert not torch.allclose(base(**batch).logits, want, atol=1e-4)
+        reloaded = load_trained(tmp_path / "run", base=base).eval()
+        assert torch.allclose(reloaded(**batch).logits, want, atol=1e-5)
+        merged = reloaded.merge_and_unload()
+        assert torch.allclose(merged(**batch).logits, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Learnability
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_tiny_vlm_learns_which_shape_an_image_shows(name, tmp_path):
+    """LoRA on the language model alone (the random vision tower frozen): held-out images, answers generated
+    greedily, exact matches counted; chance is one in three."""
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import train_vlm
+
+    model, processor = FAMILIES[name]()
+    model, stats, _ = train_vlm(model, processor, shape_rows(tmp_path, 60, 0), tmp_path / "out", base=tmp_path,
+                                lora=LoraSpec(r=16, alpha=32), num_train_epochs=8, per_device_train_batch_size=6,
+                                learning_rate=1e-2, lr_scheduler_type="constant", seed=0)
+    assert stats["examples"] == 60
+    held_out = shape_rows(tmp_path, 30, 1)
+    model.eval()
+    correct = 0
+    for row in held_out:
+        messages = V.normalize(row, 0, "data.eval")["messages"]
+        prompt = V.render(processor, messages[:1], True)
+        inputs = processor(text=[prompt], images=[V.load_image(tmp_path / row["images"][0], "data.eval")],
+                           add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += answer.strip() == row["messages"][1]["content"][0]["text"]
+    accuracy = correct / len(held_out)
+    print(f"{name}: held-out exact answers {accuracy:.2f} (chance {1 / len(SHAPES):.2f})")
+    assert accuracy >= 0.8
+
+
+# ---------------------------------------------------------------------------------------
+# The task through the command line
+
+
+def test_lora_task_vlm_validates_trains_reloads_and_merges(tmp_path):
+    """`finetune validate` and `finetune lora --task vlm` on a tiny LLaVA saved to disk, then the run reloads and
+    merges into a plain model that gives the adapter's logits."""
+    import torch
+    from conftest import invoke
+
+    from PIL import Image
+
+    from finetune.tasks.vlm import load_trained
+
+    model, processor = tiny_llava()
+    base = tmp_path / "llava"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = shape_rows(data, 24, seed=0)
+    with (data / "shapes.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    common = ["--task", "vlm", "--model", base, "--data", data / "shapes.jsonl", "--set", "data.max_length=64"]
+    code, stdout, stderr = invoke("validate", *common)
+    assert code == 0, stdout + stderr
+    assert "data.train: 24 rows, 24 examples, 24 images" in stdout and "image sizes: width 16-16" in stdout
+    run = tmp_path / "run"
+    code, stdout, stderr = invoke("lora", *common, "-o", run, "--max-steps", "4", "--set", "train.batch_size=4")
+    assert code == 0, stdout + stderr
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    assert (run / "adapter_model.safetensors").is_file() and (run / "processor_config.json").is_file()
+    merged_dir = tmp_path / "merged"
+    code, stdout, stderr = invoke("merge", run, "-o", merged_dir)
+    assert code == 0, stdout + stderr
+    assert (merged_dir / "processor_config.json").is_file()  # the merged folder is a whole model
+    batch = processor(text=processor.apply_chat_template(rows[0]["messages"][:1], add_generation_prompt=True),
+                      images=[Image.open(data / rows[0]["images"][0])], return_tensors="pt")
+    with torch.no_grad():
+        adapted = load_trained(run)(**batch).logits
+        merged = load_trained(merged_dir)(**batch).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lora_vision_and_projector_add_those_parts_only(name):
+    import re
+
+    import torch
+
+    from finetune.tasks.vlm import PROJECTOR, VISION, lora_targets
+
+    model, _ = FAMILIES[name]()
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def picked(**kw) -> set[str]:
+        pattern = lora_targets(model, **kw)
+        return {n for n in linear if re.fullmatch(pattern, n)}
+
+    base = picked()
+    assert base and all("language_model" in n for n in base) and not any("lm_head" in n for n in base)
+    vision, projector = picked(vision=True) - base, picked(projector=True) - base
+    assert vision and all(any(f".{v}." in f".{n}" for v in VISION) for n in vision)
+    assert projector and all(any(p.split(".")[-1] in n.split(".") for p in PROJECTOR) for n in projector)
