@@ -418,3 +418,100 @@ def test_lora_vision_and_projector_add_those_parts_only(name):
     vision, projector = picked(vision=True) - base, picked(projector=True) - base
     assert vision and all(any(f".{v}." in f".{n}" for v in VISION) for n in vision)
     assert projector and all(any(p.split(".")[-1] in n.split(".") for p in PROJECTOR) for n in projector)
+
+
+# ---------------------------------------------------------------------------------------
+# Using a run: finetune generate with images
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A LoRA vlm run on the tiny LLaVA, trained through the command line on the shapes until it answers
+    held-out images (the learnability test's settings)."""
+    from conftest import invoke
+
+    tmp_path = tmp_path_factory.mktemp("shapes-run")
+    model, processor = tiny_llava()
+    base = tmp_path / "llava"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    with (data / "shapes.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in shape_rows(data, 60, seed=0))
+    run = tmp_path / "run"
+    settings = ["train.epochs=8", "train.batch_size=6", "train.learning_rate=1e-2", "train.scheduler=constant",
+                "train.warmup=0", "train.seed=0", "train.fit_memory=false", "lora.r=16", "lora.alpha=32"]
+    code, stdout, stderr = invoke("lora", "--task", "vlm", "--model", base, "--data", data / "shapes.jsonl", "-o", run,
+                                  *[a for s in settings for a in ("--set", s)])
+    assert code == 0, stdout + stderr
+    return run, tmp_path
+
+
+def test_generate_answers_held_out_images_of_a_vlm_run(shapes_run):
+    from conftest import invoke
+
+    run, tmp_path = shapes_run
+    held = tmp_path / "held"
+    held.mkdir()
+    rows = shape_rows(held, 6, seed=1)
+    for row in rows:
+        code, stdout, stderr = invoke("generate", run, "--image", held / row["images"][0], QUESTION,
+                                      "--temperature", "0", "--max-new-tokens", "8")
+        assert code == 0, stdout + stderr
+        assert stdout.strip() == row["messages"][1]["content"][0]["text"]
+    # merged into a plain model folder, the run answers the same (its config names the vision tower)
+    code, stdout, stderr = invoke("merge", run, "-o", tmp_path / "merged")
+    assert code == 0, stdout + stderr
+    code, stdout, stderr = invoke("generate", tmp_path / "merged", "--image", held / rows[0]["images"][0], QUESTION,
+                                  "--temperature", "0")
+    assert code == 0 and stdout.strip() == rows[0]["messages"][1]["content"][0]["text"], stdout + stderr
+
+
+def test_generate_data_writes_an_answer_per_image_row(shapes_run):
+    from conftest import invoke
+
+    run, tmp_path = shapes_run
+    held = tmp_path / "held-data"
+    held.mkdir()
+    rows = shape_rows(held, 9, seed=2)
+    rows[1] = {"image": rows[1]["images"][0], "question": QUESTION, "want": rows[1]["messages"][1]["content"]}
+    rows[2]["messages"] = rows[2]["messages"][:1]  # a prompt alone: no answer turn to drop
+    with (held / "rows.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = tmp_path / "out.jsonl"
+    code, stdout, stderr = invoke("generate", run, "--data", held / "rows.jsonl", "-o", out, "--batch-size", "4",
+                                  "--temperature", "0", "--max-new-tokens", "8")
+    assert code == 0, stdout + stderr
+    assert f"9 rows -> {out}" in stdout
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(written) == 9 and [w.get("images", w.get("image")) for w in written] == [
+        r.get("images", r.get("image")) for r in rows]
+    wanted = [SHAPES[k % 3] for k in range(9)]
+    right = sum(w["generated"] == f"a {COLOURS[s]} {s}." for w, s in zip(written, wanted))
+    assert right >= 8, [w["generated"] for w in written]
+
+
+def test_generate_image_errors_are_one_line(shapes_run, tiny_gpt, tmp_path):
+    from conftest import invoke
+
+    run, _ = shapes_run
+    code, stdout, stderr = invoke("generate", run, "--image", tmp_path / "missing.png", "what?")
+    assert code == 2 and stderr.strip() == f"error: --image: no such file '{tmp_path / 'missing.png'}'; give the " \
+                                           "path of an image file"
+    draw("circle", random.Random(0)).save(tmp_path / "a.png")
+    code, stdout, stderr = invoke("generate", tiny_gpt, "--image", tmp_path / "a.png", "what?")
+    assert code == 2 and stderr.strip() == (
+        f"error: --image: '{tiny_gpt}' is not a vision-language model (its processor takes no images); use an "
+        "image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3, paligemma)")
+    clm_run = tmp_path / "clm-run"
+    clm_run.mkdir()
+    (clm_run / "config.json").write_text("{}")
+    (clm_run / "recipe.yaml").write_text(f"task: clm\nmodel:\n  name: {tiny_gpt}\ndata:\n  train: x.jsonl\n")
+    code, stdout, stderr = invoke("generate", clm_run, "--image", tmp_path / "a.png", "what?")
+    assert code == 2 and stderr.strip() == (
+        f"error: --image: '{clm_run}' is a clm run, which takes no images; give images to a vision-language run "
+        "(finetune lora --task vlm) or drop --image")
+    code, stdout, stderr = invoke("generate", run, "--image", tmp_path / "a.png", "--data", tmp_path / "r.jsonl",
+                                  "-o", tmp_path / "o.jsonl")
+    assert code == 2 and stderr.strip() == "error: --image: with --data, each row names its own images; drop --image"

@@ -30,9 +30,12 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue, or the user's message for a run "
                                                         "trained on conversations.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .jsonl of `prompt` strings or `messages` "
-                                                                "conversations: generate for every row.")] = None,
+                                                                "conversations (image rows for a vision-language "
+                                                                "run): generate for every row.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --data: the .jsonl to write.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain text even for a chat run: no chat template.")] = False,
+    images: Annotated[Optional[list[str]], typer.Option("--image", help="An image file for a vision-language run "
+                                                                    "(repeatable), placed before the text.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --data: prompts per batch.")] = 8,
     max_new_tokens: MaxNewTokensOpt = 64, temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95,
     seed: SeedOpt = 0, tools: ToolsOpt = None,
@@ -48,13 +51,20 @@ def generate(
             raise UserError("--output: with --data, name the .jsonl to write (-o out.jsonl)")
         env_defaults()
         from finetune.use.inference import generate_file, generate_text, read_tools
+        from finetune.use.vision import generate_image_file, generate_images, is_vision_run
 
+        if images and data is not None:
+            raise UserError("--image: with --data, each row names its own images; drop --image")
+        vision = bool(images) or is_vision_run(model)
         offered = read_tools(tools)
         if prompt is not None:
-            typer.echo(generate_text(model, prompt, max_new_tokens, temperature, top_p, seed, raw, offered))
+            typer.echo(generate_images(model, prompt, images or [], max_new_tokens, temperature, top_p, seed)
+                       if vision else generate_text(model, prompt, max_new_tokens, temperature, top_p, seed, raw,
+                                                    offered))
             return
-        stats = generate_file(model, data, output, batch_size, max_new_tokens, temperature, top_p, seed, raw,
-                              offered)
+        stats = (generate_image_file(model, data, output, batch_size, max_new_tokens, temperature, top_p, seed)
+                 if vision else generate_file(model, data, output, batch_size, max_new_tokens, temperature, top_p,
+                                              seed, raw, offered))
         typer.echo(f"{stats['rows']} rows -> {output}: {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s "
                    f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s, "
                    f"{stats['rows'] / max(stats['seconds'], 1e-9):.1f} rows/s)")

@@ -236,8 +236,10 @@ def usage(run_dir: Path, recipe: Recipe) -> str:
 
 
 def next_steps(run_dir: Path, recipe: Recipe) -> list[str]:
-    """Answers come from transformers for now (the card shows how); a LoRA run merges into a plain model."""
-    return [f"finetune merge {run_dir} -o {run_dir}-merged"] if recipe.method == "lora" else []
+    steps = [f'finetune generate {run_dir} --image photo.png "What is in this picture?"']
+    if recipe.method == "lora":
+        steps.append(f"finetune merge {run_dir} -o {run_dir}-merged")
+    return steps
 
 
 def load_trained(run_dir: Path, **kwargs):

@@ -1,0 +1,200 @@
+"""Answers from a vision-language run: images and a question in, the assistant's answer out.
+
+    finetune generate runs/llava-shapes --image cat.png "What is this?"
+    finetune generate runs/llava-shapes --data questions.jsonl -o answers.jsonl
+
+Prompts are rendered by the run's processor exactly as training rendered them (finetune/data/vision_chat.py):
+the user turns through the chat template with the generation prompt, each image expanded to its tokens by the
+processor. Generation stops at the end of the assistant's turn, and only the answer is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.data import vision_chat as V
+from finetune.errors import UserError, first_line
+from finetune.use.inference import check_model_dir, for_inference, run_recipe
+
+TAKES_IMAGES = "qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3, paligemma"
+
+
+def is_vision_run(source: str) -> bool:
+    """A run directory trained with the vlm task, or a model folder (a merged run) whose config has a vision
+    tower: read from the recipe or the config, without loading the model."""
+    path = Path(source)
+    if (path / "recipe.yaml").is_file():
+        recipe = run_recipe(path)
+        return recipe is not None and recipe.task == "vlm"
+    try:
+        return "vision_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_vision(source: str):
+    """(model in eval mode, processor) of a vlm run or an image-text-to-text model folder with a processor."""
+    path = Path(source)
+    check_model_dir(path, "model")
+    recipe = run_recipe(path)
+    if recipe is not None and recipe.task != "vlm":
+        raise UserError(f"--image: '{source}' is a {recipe.task} run, which takes no images; give images to a "
+                        "vision-language run (finetune lora --task vlm) or drop --image")
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"--image: could not load a processor from '{source}' ({first_line(e)}); a vision-language "
+                        "model needs its processor (tokenizer, chat template, image processor)") from e
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise UserError(f"--image: '{source}' is not a vision-language model (its processor takes no images); use "
+                        f"an image-text-to-text model ({TAKES_IMAGES})")
+    if not processor.chat_template:
+        raise UserError(f"model: the processor of '{source}' has no chat template, so a question cannot be rendered "
+                        "as in training; give the processor a template")
+    from finetune.recipe.tasks import load_task
+
+    model = for_inference(load_task("vlm").load_trained(path))
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), processor
+
+
+def stop_ids(processor) -> list[int]:
+    """The tokens that end an assistant turn: the tokenizer's, and the special token that closes an answer in
+    the processor's own rendering (the template may live on the processor only)."""
+    from finetune.data.masks import end_of_turn_ids
+    from finetune.data.templates import special_ids
+
+    tokenizer = processor.tokenizer
+    stops = set(end_of_turn_ids(tokenizer))
+    probe = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    try:
+        example = V.examples_of(processor, probe, [], "probe")[0]
+    except UserError:  # a template that cannot render the probe: the tokenizer's alone
+        return sorted(stops)
+    trained = [t for t, lab in zip(example["input_ids"], example["labels"]) if lab != -100]
+    stops.update(t for t in trained[-1:] if t in special_ids(tokenizer))
+    return sorted(stops)
+
+
+def image_files(images: list[str]) -> list[str]:
+    for image in images:
+        if not Path(image).expanduser().is_file():
+            raise UserError(f"--image: no such file '{image}'; give the path of an image file")
+    return [str(Path(image).expanduser()) for image in images]
+
+
+def generate_batch(model, processor, prompts: list[tuple[list[dict], list]], max_new_tokens: int,
+                   temperature: float, top_p: float, stops: list[int]) -> list[list[int]]:
+    """New tokens for each (messages, decoded images) prompt, left-padded together, cut at the end of the turn."""
+    import torch
+
+    texts = [V.render(processor, messages, True) for messages, _ in prompts]
+    pics = [p for _, images in prompts for p in images]
+    batch = processor(text=texts, images=pics or None, padding=True, padding_side="left", add_special_tokens=False,
+                      return_tensors="pt").to(model.device)
+    sample = temperature > 0
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
+                             temperature=temperature if sample else None, top_p=top_p if sample else None,
+                             pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=stops)
+    new = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        new.append(row[:next((k for k, t in enumerate(row) if t in stops), len(row))])
+    return new
+
+
+def generate_images(source: str, prompt: str, images: list[str], max_new_tokens: int, temperature: float,
+                    top_p: float, seed: int) -> str:
+    """The answer to one user turn: the images first, then the text (as LLaVA and Qwen2-VL data put them)."""
+    from transformers import set_seed
+
+    files = image_files(images)
+    model, processor = load_vision(source)
+    pics = [V.load_image(f, f"--image '{f}'") for f in files]
+    content = [{"type": "image"} for _ in pics] + ([{"type": "text", "text": prompt}] if prompt else [])
+    if not content:
+        raise UserError("prompt: empty and no --image; give a question or an image")
+    set_seed(seed)
+    new = generate_batch(model, processor, [([{"role": "user", "content": content}], pics)], max_new_tokens,
+                         temperature, top_p, stop_ids(processor))[0]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def prompt_row(row: dict, r: int, key: str) -> dict:
+    """A data row in any shape training reads, as {"messages", "images"} ending in a user turn: a trailing
+    assistant turn (the answer, when the file is training data) is dropped."""
+    if not isinstance(row, dict):
+        raise UserError(f"{key}: row {r}: not a JSON object")
+    row = dict(row)
+    turns = row.pop("messages", row.pop("conversations", None))
+    answer = {"role": "assistant", "content": "."}  # stands in for the answer V.normalize asks of training rows
+    if isinstance(turns, list) and turns:
+        last = turns[-1]
+        if isinstance(last, dict) and V.ROLES.get(str(last.get("role", last.get("from")))) == "assistant":
+            turns = turns[:-1]
+        row["messages"] = [*turns, answer]
+    elif turns is not None:
+        row["messages"] = turns
+    elif row.get("image") is not None:
+        row["answer" if isinstance(row.get("question"), str) else "caption"] = "."
+    example = V.normalize(row, r, key)
+    messages = example["messages"][:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise UserError(f"{key}: row {r}: no user turn to answer; end each row with the user's question")
+    return {"messages": messages, "images": example["images"]}
+
+
+def read_rows(data: Path) -> list[dict]:
+    if not data.is_file():
+        raise UserError(f"--data: no such file '{data}'")
+    text = data.read_text()
+    try:
+        rows = json.loads(text) if data.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"--data: '{data}' is not valid JSON ({first_line(e)}); one object per line") from None
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"--data: '{data}' has no rows")
+    return rows
+
+
+def generate_image_file(source: str, data: Path, output: Path, batch_size: int, max_new_tokens: int,
+                        temperature: float, top_p: float, seed: int) -> dict:
+    """One JSON line per row of `data` (vision chat rows, images relative to the file) with the `generated`
+    answer, in batches. Returns rows, new tokens and seconds."""
+    import time
+
+    from transformers import set_seed
+
+    rows = read_rows(Path(data))
+    base = Path(data).resolve().parent
+    prompts = []
+    for r, row in enumerate(rows):
+        p = prompt_row(row, r, "--data")
+        p["images"] = [V.check_image(item, f"--data: row {r}, images[{j}]", base) for j, item in enumerate(p["images"])]
+        prompts.append(p)
+    model, processor = load_vision(source)
+    stops = stop_ids(processor)
+    set_seed(seed)
+    answers: list[list[int]] = []
+    start = time.perf_counter()
+    for b in range(0, len(prompts), batch_size):
+        chunk = [(p["messages"], [V.load_image(item, f"--data: row {b + k}") for item in p["images"]])
+                 for k, p in enumerate(prompts[b:b + batch_size])]
+        answers += generate_batch(model, processor, chunk, max_new_tokens, temperature, top_p, stops)
+    seconds = time.perf_counter() - start
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w") as f:
+        for row, new in zip(rows, answers):
+            text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+            f.write(json.dumps({**row, "generated": text}, ensure_ascii=False) + "\n")
+    return {"rows": len(rows), "new_tokens": sum(map(len, answers)), "seconds": seconds}
