@@ -515,3 +515,159 @@ def test_generate_image_errors_are_one_line(shapes_run, tiny_gpt, tmp_path):
     code, stdout, stderr = invoke("generate", run, "--image", tmp_path / "a.png", "--data", tmp_path / "r.jsonl",
                                   "-o", tmp_path / "o.jsonl")
     assert code == 2 and stderr.strip() == "error: --image: with --data, each row names its own images; drop --image"
+
+
+# ---------------------------------------------------------------------------------------
+# Idefics3 (SmolVLM): each image framed by <fake_token_around_image>, its tiles named <row_i_col_j>, the whole
+# image <global-img>; the parts are model.text_model, model.vision_model and model.connector
+
+# SmolVLM's template: "User:<image>..." with no space before an image, answers end in <end_of_utterance>
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}{% if m['content'] is string %}{{ ': ' + "
+    "m['content'] }}{% else %}{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}"
+    "{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def tiny_idefics3(split: bool = False):
+    """(model, processor): Idefics3 with a SigLIP-style tower on 32x32 tiles, patch 4 and scale factor 2: 16
+    `<image>` tokens a tile. Unsplit, an image is one global tile; split, it is upscaled to 64x64: four tiles
+    and the global one."""
+    import torch
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, LlamaConfig)
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = tokenizer_with(["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                          "<global-img>", *grid])
+    tok.eos_token = "<end_of_utterance>"
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64 if split else 32}, max_image_size={"longest_edge": 32},
+                                       do_image_splitting=split)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=16,
+                                  chat_template=IDEFICS3_TEMPLATE)
+    ids = tok.convert_tokens_to_ids
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                eos_token_id=ids("<end_of_utterance>"), pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id),
+        scale_factor=2, image_token_id=ids("<image>"), pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return Idefics3ForConditionalGeneration(config).eval(), processor
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_idefics3_mask_trains_exactly_the_answers_never_the_image_frames(split, tmp_path):
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.tasks.vlm import VisionCollator
+
+    model, processor = tiny_idefics3(split)
+    tok = processor.tokenizer
+    (example,), _ = V.prepare(processor, [two_turns(tmp_path)], base=tmp_path)
+    ids, labels = example["input_ids"], example["labels"]
+    image_ids = V.image_token_ids(processor)
+    frames = ["<fake_token_around_image>", "<global-img>", "<image>", "<row_1_col_1>", "<row_6_col_6>"]
+    assert set(tok.convert_tokens_to_ids(frames)) <= image_ids
+    assert tok.convert_tokens_to_ids("<end_of_utterance>") not in image_ids
+    tiles = 5 if split else 1  # per image: four tiles and the global one, or the global one alone
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens.count("<image>") == 2 * tiles * 16 and tokens.count("<global-img>") == 2
+    assert tokens.count("<fake_token_around_image>") == 2 * (tiles + 1)
+    assert sum(t.startswith("<row_") for t in tokens) == (8 if split else 0)
+    runs, current = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t and t not in image_ids
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    assert not current and [tok.decode(r) for r in runs] == [" a red circle.<end_of_utterance>",
+                                                             " a green square.<end_of_utterance>"]
+    untrained = tok.decode([t for t, lab in zip(ids, labels) if lab == -100 and t not in image_ids])
+    assert QUESTION in untrained and "circle" not in untrained and "square" not in untrained
+
+    short = V.prepare(processor, shape_rows(tmp_path, 1, 5), base=tmp_path)[0][0]
+    batch = VisionCollator(processor)([example, short])
+    assert batch["labels"][0].tolist() == labels
+    row = batch["labels"][1].tolist()
+    assert row[:len(short["labels"])] == short["labels"] and set(row[len(short["labels"]):]) == {-100}
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_idefics3_lora_targets_the_text_model_and_reloads(tmp_path):
+    import re
+
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import VisionCollator, load_trained, lora_targets, with_lora
+
+    model, processor = tiny_idefics3()
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def picked(**kw) -> set[str]:
+        return {n for n in linear if re.fullmatch(lora_targets(model, **kw), n)}
+
+    base_targets = picked()
+    assert base_targets and all(n.startswith("model.text_model.") for n in base_targets)
+    assert picked(vision=True) - base_targets and all(
+        n.startswith("model.vision_model.") for n in picked(vision=True) - base_targets)
+    assert picked(projector=True) - base_targets and all(
+        n.startswith("model.connector.") for n in picked(projector=True) - base_targets)
+
+    model.save_pretrained(tmp_path / "base")
+    peft_model = with_lora(model, LoraSpec(r=4, alpha=8))
+    adapted = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert adapted and all(".text_model." in n for n in adapted)
+    assert not any(k in n for n in adapted for k in ("vision_model", "connector", "lm_head"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "run")
+    examples, _ = V.prepare(processor, shape_rows(tmp_path, 2, 3), base=tmp_path)
+    batch = VisionCollator(processor)(examples)
+    batch.pop("labels")
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+        base = type(model).from_pretrained(tmp_path / "base").eval()
+        assert not torch.allclose(base(**batch).logits, want, atol=1e-4)
+        reloaded = load_trained(tmp_path / "run", base=base).eval()
+        assert torch.allclose(reloaded(**batch).logits, want, atol=1e-5)
+        assert torch.allclose(reloaded.merge_and_unload()(**batch).logits, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_tiny_idefics3_learns_which_shape_an_image_shows(split, tmp_path):
+    """The learnability test's settings on Idefics3, whole images and split into tiles."""
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import train_vlm
+
+    model, processor = tiny_idefics3(split)
+    model, stats, _ = train_vlm(model, processor, shape_rows(tmp_path, 60, 0), tmp_path / "out", base=tmp_path,
+                                lora=LoraSpec(r=16, alpha=32), num_train_epochs=8, per_device_train_batch_size=6,
+                                learning_rate=1e-2, lr_scheduler_type="constant", seed=0)
+    assert stats["examples"] == 60
+    model.eval()
+    correct = 0
+    held_out = shape_rows(tmp_path, 30, 1)
+    for row in held_out:
+        prompt = V.render(processor, V.normalize(row, 0, "data.eval")["messages"][:1], True)
+        inputs = processor(text=[prompt], images=[V.load_image(tmp_path / row["images"][0], "data.eval")],
+                           add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += answer.strip() == row["messages"][1]["content"][0]["text"]
+    assert correct / len(held_out) >= 0.8

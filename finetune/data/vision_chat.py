@@ -193,11 +193,12 @@ def read_rows(rows: list[dict], key: str, base: Path | None) -> list[dict]:
 
 
 def image_token_ids(processor) -> set[int]:
-    """Ids of the tokens an image expands to, or that frame it (never trained)."""
+    """Ids of the tokens an image expands to, or that frame it (never trained): Idefics3's
+    `<fake_token_around_image>`, `<global-img>` and `<row_i_col_j>` tiles included."""
     tokenizer = processor.tokenizer
     found: set[int] = set()
     for name in dir(processor):
-        if not any(w in name for w in ("image", "vision", "video", "boi", "eoi")) or name.startswith("_"):
+        if not any(w in name for w in ("image", "vision", "video", "boi", "eoi", "row_col")) or name.startswith("_"):
             continue
         try:
             value = getattr(processor, name)
@@ -205,6 +206,8 @@ def image_token_ids(processor) -> set[int]:
             continue
         if name.endswith("_token_id") and isinstance(value, int):
             found.add(value)
+        elif name.endswith("_ids") and isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
         elif name.endswith("_token") and isinstance(value, str) and value:
             found.update(tokenizer.encode(value, add_special_tokens=False))
     unk = tokenizer.unk_token_id
