@@ -671,3 +671,22 @@ def test_a_tiny_idefics3_learns_which_shape_an_image_shows(split, tmp_path):
         answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         correct += answer.strip() == row["messages"][1]["content"][0]["text"]
     assert correct / len(held_out) >= 0.8
+
+
+def test_chat_with_images_attached_by_slash_image(shapes_run):
+    from typer.testing import CliRunner
+
+    from finetune.cli.app import app
+
+    run, tmp_path = shapes_run
+    held = tmp_path / "held-chat"
+    held.mkdir()
+    rows = shape_rows(held, 2, seed=3)
+    turns = (f"/image {held / rows[0]['images'][0]}\n{QUESTION}\n/image {held / 'missing.png'}\n/reset\n"
+             f"/image {held / rows[1]['images'][0]}\n{QUESTION}\n/quit\n")
+    result = CliRunner().invoke(app, ["chat", str(run), "--temperature", "0", "--max-new-tokens", "8"], input=turns)
+    assert result.exit_code == 0, result.output
+    answers = [part.splitlines()[0].strip() for part in result.output.split("assistant: ")[1:]]
+    assert answers == [r["messages"][1]["content"][0]["text"] for r in rows], result.output
+    assert f"(/image: no such file '{held / 'missing.png'}'; give the path of an image file)" in result.output
+    assert "(history cleared)" in result.output

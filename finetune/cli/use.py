@@ -79,12 +79,17 @@ def chat(
     seed: SeedOpt = 0, tools: ToolsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Chat with a run in the terminal: history kept, answers streamed, /system TEXT, /reset, /quit."""
+    """Chat with a run in the terminal: history kept, answers streamed, /system TEXT, /reset, /quit; /image PATH
+    attaches an image (vision-language runs)."""
 
     def body():
         env_defaults()
         from finetune.use.inference import chat_session, read_tools
+        from finetune.use.vision import is_vision_run, vision_chat_session
 
+        if is_vision_run(model):  # /image PATH attaches images
+            vision_chat_session(model, max_new_tokens, temperature, top_p, seed, system)
+            return
         chat_session(model, max_new_tokens, temperature, top_p, seed, system, tools=read_tools(tools))
 
     guarded(debug, body)

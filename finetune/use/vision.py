@@ -198,3 +198,58 @@ def generate_image_file(source: str, data: Path, output: Path, batch_size: int, 
             text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
             f.write(json.dumps({**row, "generated": text}, ensure_ascii=False) + "\n")
     return {"rows": len(rows), "new_tokens": sum(map(len, answers)), "seconds": seconds}
+
+
+def vision_chat_session(source: str, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                        system: str | None = None, read=input, write=print) -> None:
+    """`finetune chat` for a vision-language run: `/image PATH` attaches an image to the next message (several
+    may be attached), the history keeps every image in its turn, `/reset`, `/system TEXT` and `/quit` as in
+    text chat."""
+    from transformers import set_seed
+
+    model, processor = load_vision(source)
+    stops = stop_ids(processor)
+    set_seed(seed)
+    history: list[dict] = []
+    pictures: list = []  # the images of the history's turns, in order
+    pending: list = []
+    write("chat: /image PATH attaches an image to your next message, /system TEXT sets the system prompt, "
+          "/reset clears the history, /quit ends")
+    while True:
+        try:
+            line = read("you: ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, pictures, pending = [], [], []
+            write("(history cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            write("(system prompt set)" if system else "(system prompt removed)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not Path(path).expanduser().is_file():
+                write(f"(/image: no such file '{path}'; give the path of an image file)")
+                continue
+            try:
+                pending.append(V.load_image(str(Path(path).expanduser()), f"/image '{path}'"))
+            except UserError as e:
+                write(f"({e.problems[0]})")
+                continue
+            write(f"(image attached: {path})")
+            continue
+        if not line and not pending:
+            continue
+        content = [{"type": "image"} for _ in pending] + ([{"type": "text", "text": line}] if line else [])
+        history.append({"role": "user", "content": content})
+        pictures, pending = pictures + pending, []
+        head = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        new = generate_batch(model, processor, [(head + history, pictures)], max_new_tokens, temperature, top_p,
+                             stops)[0]
+        answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        write(f"assistant: {answer}")
+        history.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
