@@ -690,3 +690,36 @@ def test_chat_with_images_attached_by_slash_image(shapes_run):
     assert answers == [r["messages"][1]["content"][0]["text"] for r in rows], result.output
     assert f"(/image: no such file '{held / 'missing.png'}'; give the path of an image file)" in result.output
     assert "(history cleared)" in result.output
+
+
+def test_qlora_quantises_the_language_model_and_keeps_the_vision_tower_in_16_bits(tmp_path):
+    """`--quant 4bit` on a vlm run: the language model's linear layers load in 4 bits, the vision tower, the
+    projector and the head do not; it trains and its adapter reloads."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from conftest import invoke
+
+    from finetune.recipe.load import build_recipe
+    from finetune.tasks.vlm import load_model
+
+    model, processor = tiny_llava()
+    base = tmp_path / "llava"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    recipe = build_recipe({"task": "vlm", "method": "lora", "model": {"name": str(base)},
+                           "data": {"train": "x.jsonl"}, "quant": {"bits": 4}})
+    loaded = load_model(recipe)
+    kinds = {n: type(m).__name__ for n, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
+    four_bit = {n for n, k in kinds.items() if k == "Linear4bit"}
+    assert four_bit and all("language_model" in n for n in four_bit), kinds
+    assert not any(k == "Linear4bit" for n, k in kinds.items()
+                   if "vision_tower" in n or "multi_modal_projector" in n or n.endswith("lm_head")), kinds
+    data = tmp_path / "data"
+    data.mkdir()
+    with (data / "shapes.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in shape_rows(data, 8, seed=0))
+    code, stdout, stderr = invoke("lora", "--task", "vlm", "--model", base, "--data", data / "shapes.jsonl", "-o",
+                                  tmp_path / "run", "--quant", "4bit", "--max-steps", "2", "--set", "train.batch_size=4",
+                                  "--set", "data.max_length=64")
+    assert code == 0, stdout + stderr
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

@@ -157,26 +157,32 @@ def torch_dtype(name: str):
     return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def quantization_config(quant: QuantSpec):
-    """bitsandbytes settings for QLoRA, or None when the base loads in full precision."""
+def quantization_config(quant: QuantSpec, keep: list[str] | None = None):
+    """bitsandbytes settings for QLoRA, or None when the base loads in full precision. `keep`: modules left
+    unquantised (a VLM's vision tower and projector), as transformers matches them: a prefix of the module's
+    name, a regex from its start, or a suffix."""
     if not quant.bits:
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": keep} if keep else {}
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                               bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-                              bnb_4bit_quant_storage=torch_dtype(quant.storage) if quant.storage != "uint8" else None)
+                              bnb_4bit_quant_storage=torch_dtype(quant.storage) if quant.storage != "uint8" else None,
+                              **skip)
 
 
-def load_model(spec: ModelSpec, auto_cls, quant: QuantSpec | None = None, **kwargs: Any):
-    """`auto_cls.from_pretrained` on a Hub id or local directory, with the recipe's dtype and trust."""
+def load_model(spec: ModelSpec, auto_cls, quant: QuantSpec | None = None, keep: list[str] | None = None,
+               **kwargs: Any):
+    """`auto_cls.from_pretrained` on a Hub id or local directory, with the recipe's dtype and trust; under
+    `quant`, the modules `keep` matches stay unquantised."""
     name = model_source(spec)
     source = str(Path(check_source(name, "model.name")).resolve()) if Path(name).expanduser().is_dir() \
         else check_source(name, "model.name")
-    qconfig = quantization_config(quant) if quant else None
+    qconfig = quantization_config(quant, keep) if quant else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     if spec.attn_implementation:  # checked before loading (extras.kernel_problems)

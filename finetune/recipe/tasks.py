@@ -67,7 +67,8 @@ register(TaskInfo("image-classification", "finetune.tasks.image_classification",
                   section="image_classification", inference="predict"))
 register(TaskInfo("captioning", "finetune.tasks.captioning", "AutoModelForImageTextToText", section="captioning",
                   lm_head=True, inference="caption"))
-register(TaskInfo("vlm", "finetune.tasks.vlm", "AutoModelForImageTextToText", chat=True, lm_head=True))
+register(TaskInfo("vlm", "finetune.tasks.vlm", "AutoModelForImageTextToText", quantizable=True, chat=True,
+                  lm_head=True))
 # RLHF: each has its own command, and starts from a trained model
 register(TaskInfo("reward", "finetune.tasks.reward", "AutoModelForSequenceClassification", section="reward",
                   quantizable=True, chat=True, stage=True, verb=True))

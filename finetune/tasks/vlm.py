@@ -159,9 +159,17 @@ def load_model(recipe: Recipe):
         raise UserError(f"model.name: '{recipe.model.name}' is a {config.model_type} model, which takes no images; "
                         "use an image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, "
                         "smolvlm, gemma3, paligemma)")
+    # QLoRA quantises the language model only: the vision tower, the projector and the head stay in 16 bits
+    # (small, and 4-bit image features cost accuracy for little memory).
     model = pretrained.load_model(recipe.model, AutoModelForImageTextToText,
-                                  recipe.quant if recipe.quant.bits else None)
+                                  recipe.quant if recipe.quant.bits else None,
+                                  keep=[".*" + re.escape(n) for n in (*VISION, *PROJECTOR)] + ["lm_head"]
+                                  if recipe.quant.bits else None)
     model.config.use_cache = False
+    if recipe.quant.bits:
+        from finetune.models.quantization import prepare_quantized
+
+        model = prepare_quantized(model, recipe)
     return model
 
 
