@@ -252,6 +252,28 @@ def read_prompts(data: Path) -> list[dict]:
     return rows
 
 
+def chat_loop(read, write, greeting: str, system: str | None, respond, reset, command=None) -> None:
+    """The terminal chat every kind of run shares: lines are read until `/quit` or EOF; `/reset` calls `reset`
+    (the caller's history), `/system TEXT` sets the system prompt; `command(line)` takes lines of its own (True
+    when it did); any other line goes to `respond(line, system)`, which answers it and keeps the history."""
+    write(greeting)
+    while True:
+        try:
+            line = read("you: ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            reset()
+            write("(history cleared)")
+        elif line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            write("(system prompt set)" if system else "(system prompt removed)")
+        elif command is None or not command(line):
+            respond(line, system)
+
+
 def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                  system: str | None = None, read=input, write=print, tools: list | None = None) -> None:
     """An interactive chat: the template applied to the whole history, answers streamed as they are
@@ -268,31 +290,16 @@ def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: fl
     kwargs = template_kwargs(source)
     limit = (context_length(model.config) or 2048) - max_new_tokens
     history: list[dict] = []
-    write("chat: /system TEXT sets the system prompt, /reset clears the history, /quit ends")
-    while True:
-        try:
-            line = read("you: ").strip()
-        except EOFError:
-            break
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            history = []
-            write("(history cleared)")
-            continue
-        if line.startswith("/system"):
-            system = line[len("/system"):].strip() or None
-            write("(system prompt set)" if system else "(system prompt removed)")
-            continue
+
+    def respond(line: str, system: str | None) -> None:
         if not line:
-            continue
+            return
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = prompt_ids(tokenizer, messages, True, tools, kwargs)
+        head = [{"role": "system", "content": system}] if system else []
+        ids = prompt_ids(tokenizer, head + history, True, tools, kwargs)
         while len(ids) > limit and len(history) > 2:  # forget the oldest exchange when the context is full
-            history = history[2:]
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids = prompt_ids(tokenizer, messages, True, tools, kwargs)
+            del history[:2]
+            ids = prompt_ids(tokenizer, head + history, True, tools, kwargs)
         write("assistant: ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         new = generate_ids(model, tokenizer, [ids], max_new_tokens, temperature, top_p, streamer=streamer)[0]
@@ -300,6 +307,9 @@ def chat_session(source: str, max_new_tokens: int, temperature: float, top_p: fl
         if tools and shown_answer(text, tools) != text:  # a tool call: shown again, parsed
             write(shown_answer(text, tools))
         history.append({"role": "assistant", "content": text})
+
+    chat_loop(read, write, "chat: /system TEXT sets the system prompt, /reset clears the history, /quit ends",
+              system, respond, history.clear)
 
 
 def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:

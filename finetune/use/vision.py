@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune.data import vision_chat as V
 from finetune.errors import UserError, first_line
-from finetune.use.inference import check_model_dir, for_inference, run_recipe
+from finetune.use.inference import chat_loop, check_model_dir, for_inference, run_recipe
 
 TAKES_IMAGES = "qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3, paligemma"
 
@@ -212,44 +212,41 @@ def vision_chat_session(source: str, max_new_tokens: int, temperature: float, to
     set_seed(seed)
     history: list[dict] = []
     pictures: list = []  # the images of the history's turns, in order
-    pending: list = []
-    write("chat: /image PATH attaches an image to your next message, /system TEXT sets the system prompt, "
-          "/reset clears the history, /quit ends")
-    while True:
+    pending: list = []  # attached, for the next message
+
+    def reset() -> None:
+        history.clear()
+        pictures.clear()
+        pending.clear()
+
+    def attach(line: str) -> bool:
+        if not line.startswith("/image"):
+            return False
+        path = line[len("/image"):].strip()
+        if not Path(path).expanduser().is_file():
+            write(f"(/image: no such file '{path}'; give the path of an image file)")
+            return True
         try:
-            line = read("you: ").strip()
-        except EOFError:
-            break
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            history, pictures, pending = [], [], []
-            write("(history cleared)")
-            continue
-        if line.startswith("/system"):
-            system = line[len("/system"):].strip() or None
-            write("(system prompt set)" if system else "(system prompt removed)")
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not Path(path).expanduser().is_file():
-                write(f"(/image: no such file '{path}'; give the path of an image file)")
-                continue
-            try:
-                pending.append(V.load_image(str(Path(path).expanduser()), f"/image '{path}'"))
-            except UserError as e:
-                write(f"({e.problems[0]})")
-                continue
-            write(f"(image attached: {path})")
-            continue
+            pending.append(V.load_image(str(Path(path).expanduser()), f"/image '{path}'"))
+        except UserError as e:
+            write(f"({e.problems[0]})")
+            return True
+        write(f"(image attached: {path})")
+        return True
+
+    def respond(line: str, system: str | None) -> None:
         if not line and not pending:
-            continue
+            return
         content = [{"type": "image"} for _ in pending] + ([{"type": "text", "text": line}] if line else [])
         history.append({"role": "user", "content": content})
-        pictures, pending = pictures + pending, []
+        pictures.extend(pending)
+        pending.clear()
         head = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         new = generate_batch(model, processor, [(head + history, pictures)], max_new_tokens, temperature, top_p,
                              stops)[0]
         answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
         write(f"assistant: {answer}")
         history.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+    chat_loop(read, write, "chat: /image PATH attaches an image to your next message, /system TEXT sets the system "
+              "prompt, /reset clears the history, /quit ends", system, respond, reset, attach)
