@@ -8,21 +8,12 @@ import json
 
 import pytest
 from chat_templates import HERMES, HERMES_TOKENS, LLAMA31, LLAMA31_TOKENS, QWEN3, QWEN3_TOKENS, with_template
+from test_data_chat import expected
 from transformers import AutoTokenizer
 
 from finetune.data import chat, masks, templates
 from finetune.errors import UserError
 from finetune.recipe.sections import DataSpec
-
-
-def expected(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """Hand-written segmentation: (text, trained) pieces tokenized one by one."""
-    ids, labels = [], []
-    for text, trained in pieces:
-        part = tok(text, add_special_tokens=False)["input_ids"]
-        ids += part
-        labels += part if trained else [-100] * len(part)
-    return ids, labels
 
 
 @pytest.fixture(scope="module")
