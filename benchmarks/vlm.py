@@ -7,7 +7,7 @@ The models are the tiny VLMs of tests/test_tasks_vlm.py, built from their config
 two-layer vision tower): LLaVA (16 image tokens per 16x16 image) and Qwen2-VL (4 image tokens per 16x16 image),
 trained on the same shape rows (an image of a coloured shape, "what shape is this?", "a red circle."). Each
 contender trains the same model from the same weights with the same LoRA (r=16, alpha=32, dropout 0, on the
-language model's linear layers: `finetune.tasks.vlm.lora_targets`), the same batch size, learning rate and
+language model's linear layers: `finetune.models.adapters.vlm_targets`), the same batch size, learning rate and
 number of optimizer steps, fp32, no gradient checkpointing:
     finetune  rows prepared by finetune.data.vision_chat (the loss on the answers only), the VisionCollator,
               transformers' Trainer (finetune.tasks.vlm.make_trainer, as train_vlm does)
@@ -111,12 +111,12 @@ def run_trl(family: str, rows: list[dict], folder: Path, out: Path, a):
     from PIL import Image
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.tasks.vlm import lora_targets
+    from finetune.models.adapters import vlm_targets
 
     model, processor = build(family)
     dataset = Dataset.from_list([{"images": [Image.open(folder / p).convert("RGB") for p in r["images"]],
                                   "messages": r["messages"]} for r in rows])
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets(model))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=vlm_targets(model))
     clock = step_clock()
     trainer = SFTTrainer(model=model, args=training_args(SFTConfig, out, a), train_dataset=dataset,
                          processing_class=processor, peft_config=lora, callbacks=[clock])

@@ -173,7 +173,9 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         typer.echo(f"recipe: ok ({r.task}, {r.method}, model {r.model.name or r.model.config or 'tiny'})")
         env_defaults()
         mod = load_task(r.task)
-        problems, notes, *row_length = mod.check(r)  # a task whose rows follow the data says how long they are
+        # a task whose rows follow the data says how long they are (and a vision-language task how many of
+        # their tokens are images')
+        problems, notes, *lengths = mod.check(r)
         from finetune.training.extras import extras_problems
 
         problems = [*problems, *extras_problems(r)]  # LoRA variants, trackers, kernels, best checkpoint, push
@@ -184,7 +186,8 @@ def validate(recipe: RecipeArg = None, model: ModelOpt = None, task: TaskOpt = N
         typer.echo("data: ok")
         if r.model.name:
             try:
-                print_plan(r, seq=row_length[0] if row_length else None)
+                seq, image_tokens = (*lengths, None, None)[:2]
+                print_plan(r, seq=seq, image_tokens=image_tokens)
             except UserError:
                 raise
             except Exception as e:  # an architecture the estimate does not understand: not a data problem

@@ -29,9 +29,10 @@ def env(debug: DebugOpt = False) -> None:
     guarded(debug, body)
 
 
-def print_plan(recipe, capacity_gib: float | None = None, seq: int | None = None) -> None:
-    """The memory estimate (`seq`: tokens per row, where the data decides it), and a warning when it does not
-    fit one device."""
+def print_plan(recipe, capacity_gib: float | None = None, seq: int | None = None,
+               image_tokens: int | None = None) -> None:
+    """The memory estimate (`seq`: tokens per row, where the data decides it; `image_tokens`: of them, the
+    image tokens of a vision-language example), and a warning when it does not fit one device."""
     from finetune.models.memory import estimate, fit_problems, report
     from finetune.models.quantization import check_quantizable, skeleton
     from finetune.training.precision import resolve_precision
@@ -40,7 +41,8 @@ def print_plan(recipe, capacity_gib: float | None = None, seq: int | None = None
 
     model = skeleton(recipe.model, recipe.task)  # once, for both
     check_quantizable(recipe, model)
-    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None, seq=seq)
+    est = estimate(recipe, model, capacity=capacity_gib * 2**30 if capacity_gib else None, seq=seq,
+                   image_tokens=image_tokens)
     typer.echo("\n".join(report(recipe, est)))
     for p in fit_problems(recipe, est):
         typer.secho(f"warning: {p}", err=True, fg=typer.colors.YELLOW)

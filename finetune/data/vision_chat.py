@@ -214,6 +214,15 @@ def image_token_ids(processor) -> set[int]:
     return {i for i in found if i is not None and i != unk}
 
 
+def feature_token_id(processor) -> int | None:
+    """The id of the token each image feature replaces (LLaVA's `<image>`, Qwen2-VL's `<|image_pad|>`)."""
+    found = getattr(processor, "image_token_id", None)
+    if isinstance(found, int):
+        return found
+    token = getattr(processor, "image_token", None)
+    return processor.tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+
+
 def render(processor, messages: list[dict], generation_prompt: bool) -> str:
     from jinja2 import TemplateError
 
@@ -302,16 +311,17 @@ def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | N
     """(examples, stats) of raw rows: normalized, images checked and opened, masked and checked, examples
     longer than `max_length` (images expanded) dropped or refused. Each example keeps the image items it
     uses, so a collator decodes them again batch by batch. stats: rows, examples, dropped, tokens (lengths),
-    image_sizes."""
+    image_tokens (the tokens image features fill, per example), image_sizes."""
     if on_overflow not in OVERFLOW:
         raise UserError(f"data.on_overflow: '{on_overflow}' is not one of {', '.join(OVERFLOW)}")
     if getattr(processor, "image_processor", None) is None:
         raise UserError("model.name: the model's processor has no image processor, so images cannot be read; "
                         "use a vision-language model's processor")
     specials, image_ids = special_ids(processor.tokenizer), image_token_ids(processor)
+    feature = feature_token_id(processor)
     examples: list[dict] = []
     stats: dict[str, Any] = {"rows": len(rows), "examples": 0, "dropped": 0, "dropped_rows": [], "tokens": [],
-                             "image_sizes": []}
+                             "image_tokens": [], "image_sizes": []}
     for r, row in enumerate(read_rows(rows, key, base)):
         where = f"{key}: row {r}"
         pics = [load_image(item, f"{where}, images[{j}]") for j, item in enumerate(row["images"])]
@@ -330,6 +340,7 @@ def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | N
             ex["images"] = row["images"][:len(ex["images"])]
             ex["row"] = r
             stats["tokens"].append(n)
+            stats["image_tokens"].append(sum(t == feature for t in ex["input_ids"]))
             examples.append(ex)
     stats["examples"] = len(examples)
     if not examples:

@@ -61,7 +61,54 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 def target_modules(model, spec: LoraSpec) -> list[str] | str:
     if spec.target_modules is not None:
         return spec.target_modules
+    if hasattr(model.config, "vision_config") and part_names(model, VLM_LANGUAGE):
+        return vlm_targets(model, vision=spec.vision, projector=spec.projector)
     return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+# The parts of a vision-language model by their submodule names, across transformers' families.
+VLM_LANGUAGE = ("language_model", "text_model")
+VLM_VISION = ("visual", "vision_tower", "vision_model", "vision_encoder")
+VLM_PROJECTOR = ("multi_modal_projector", "merger", "connector", "mm_projector")
+
+
+def part_names(model, parts: tuple[str, ...]) -> list[str]:
+    """Qualified names of the outermost submodules whose last name is one of `parts`."""
+    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in parts]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def trained_towers(model) -> list:
+    """The vision towers of a vision-language model with weights that train outside its projector (Qwen2-VL's
+    projector, `merger`, sits inside its tower)."""
+    projectors = {id(p) for n in part_names(model, VLM_PROJECTOR) for p in model.get_submodule(n).parameters()}
+    towers = [model.get_submodule(n) for n in part_names(model, VLM_VISION)]
+    return [t for t in towers if any(p.requires_grad and id(p) not in projectors for p in t.parameters())]
+
+
+def vlm_targets(model, vision: bool = False, projector: bool = False) -> str:
+    """A peft target regex for a vision-language model: the linear layers of its language model, and of the
+    vision tower (lora.vision) and the projector (lora.projector) on request; never the LM head (tied to the
+    embeddings in many VLMs)."""
+    import re
+
+    import torch
+
+    roots = part_names(model, VLM_LANGUAGE)
+    if not roots:
+        raise UserError("lora.target_modules: cannot find the language model in this VLM (no submodule named "
+                        f"{' or '.join(VLM_LANGUAGE)}); set lora.target_modules")
+    projectors = part_names(model, VLM_PROJECTOR)
+    if vision:
+        roots += part_names(model, VLM_VISION)
+    if projector:
+        roots += projectors
+    skip = [] if projector else projectors  # Qwen2-VL's merger sits inside its vision tower
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and any(n.startswith(r + ".") for r in roots) and not any(n.startswith(s + ".") for s in skip)]
+    if not linear:
+        raise UserError("lora.target_modules: no linear layer in the language model; set lora.target_modules")
+    return "^(" + "|".join(re.escape(n) for n in linear) + ")$"
 
 
 def uses_conv1d(model, targets) -> bool:

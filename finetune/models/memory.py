@@ -41,11 +41,13 @@ class Estimate:
     capacity: float | None  # bytes of one device, when known
     notes: list[str]
     process: float = 0.0  # on CPU: the process itself (Python, torch, libraries, data), resident before the model
+    vision: float = 0.0  # vision-language models: the pixels, and the vision tower's activations when it trains
+    vision_note: str = ""
 
     @property
     def tensors(self) -> float:
         """The tensors of the run: weights, gradients, optimizer state, activations and logits."""
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.vision
 
     @property
     def peak(self) -> float:
@@ -75,12 +77,97 @@ def model_dims(config) -> dict[str, int]:
 
 def ffn_saved_tensors(model, config) -> int:
     """Tensors of the MLP width autograd keeps per layer: 2 for a fused activation (gelu, relu),
-    4 for a gated MLP (SwiGLU), 5 for GPT-2's unfused tanh-GELU."""
+    3 for CLIP's quick_gelu (x * sigmoid(1.702x)), 4 for a gated MLP (SwiGLU), 5 for GPT-2's unfused tanh-GELU."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if names & {"gate_proj", "gate_up_proj", "w1", "wi_0"}:
         return 4
     act = getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")
-    return 5 if act == "gelu_new" else 2
+    return {"gelu_new": 5, "quick_gelu": 3}.get(act, 2)
+
+
+def language_part(model):
+    """A vision-language model's language model (its layers are what `model_dims` describes); else the model."""
+    from finetune.models.adapters import VLM_LANGUAGE, part_names
+
+    names = part_names(model, VLM_LANGUAGE) if hasattr(model.config, "vision_config") else []
+    return model.get_submodule(names[0]) if names else model
+
+
+def vision_dims(config) -> dict[str, int] | None:
+    """A vision-language model's vision tower: width, depth, heads, MLP width, patch, and how many tower
+    positions each image token of the language model stands for (Qwen2-VL merges 2x2 patches into one token,
+    Idefics3 shuffles scale_factor^2 of them, Gemma 3 pools to mm_tokens_per_image; LLaVA keeps one each)."""
+    v = getattr(config, "vision_config", None)
+    if v is None:
+        return None
+
+    def first(*names, default=None):
+        for n in names:
+            x = getattr(v, n, None)
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                return x
+        return default
+
+    hidden = int(first("embed_dim", "hidden_size", default=768))
+    patch = int(first("patch_size", default=14))
+    image = first("image_size")
+    side = int(image) // patch if image else None
+    merge = first("spatial_merge_size")
+    if merge:
+        per_token = int(merge) ** 2
+    elif isinstance(getattr(config, "scale_factor", None), int):
+        per_token = config.scale_factor ** 2
+    elif isinstance(getattr(config, "mm_tokens_per_image", None), int) and side:
+        per_token = max(1, side * side // config.mm_tokens_per_image)
+    else:
+        per_token = 1
+    return dict(hidden=hidden, layers=int(first("depth", "num_hidden_layers", default=12)),
+                heads=int(first("num_heads", "num_attention_heads", default=12)),
+                ffn=int(first("intermediate_size", default=0) or first("mlp_ratio", default=4) * hidden),
+                pixels_per_position=3 * patch * patch * int(first("temporal_patch_size", default=1)),
+                per_token=per_token, side=side or 448 // patch)
+
+
+def vision_cost(model, config, recipe: Recipe, b: int, image_tokens: int | None, act_bytes: int,
+                lm_hidden: int) -> tuple[float, str]:
+    """(bytes, a note) of a vision-language model's image side for one micro-batch: the pixels, and the tower's
+    activations when its weights train (lora.vision, full fine-tuning), or the projector's when only it
+    trains. A frozen tower runs without a graph (finetune/tasks/vlm.py keeps checkpointing's input hook off
+    it), so it keeps nothing for backward. `image_tokens`: image tokens per example, from the data; unset,
+    one image at the tower's own size."""
+    from finetune.models.adapters import VLM_PROJECTOR, part_names, trained_towers
+
+    v = vision_dims(config)
+    if v is None or recipe.task != "vlm":
+        return 0.0, ""
+    assumed = image_tokens is None
+    if assumed:
+        image_tokens = max(1, v["side"] ** 2 // v["per_token"])
+    positions = b * image_tokens * v["per_token"]
+    pixels = positions * v["pixels_per_position"] * 4  # float32 pixel values
+    projectors = [model.get_submodule(n) for n in part_names(model, VLM_PROJECTOR)]
+    projector = positions * (v["hidden"] + 2 * lm_hidden) * act_bytes  # its input, hidden and output
+    towers = trained_towers(model)
+    if towers:
+        hv, saved = v["hidden"], ffn_saved_tensors(towers[0], config.vision_config)
+        per_layer = positions * ((7 + 2) * hv + saved * v["ffn"]) * act_bytes
+        if getattr(config.vision_config, "_attn_implementation", None) == "eager":
+            per_layer += 2 * positions * v["heads"] * v["side"] ** 2 * act_bytes
+        layers = max(v["layers"], 1)
+        if recipe.train.gradient_checkpointing:
+            activations = layers * positions * hv * act_bytes + per_layer
+        else:
+            activations = layers * per_layer
+        activations += projector
+        what = "the pixels and the tower's activations (it trains)"
+    elif any(p.requires_grad for m in projectors for p in m.parameters()):
+        activations, what = projector, "the pixels and the projector's activations (the tower is frozen)"
+    else:
+        activations, what = 0.0, "the pixels only (the tower is frozen: it keeps nothing for backward)"
+    per_image = v["side"] ** 2
+    source = (f"one {per_image}-position image per example assumed (the run counts its data's)" if assumed
+              else f"{image_tokens} image tokens per example")
+    return float(pixels + activations), f"vision: {source}, {positions // b:,} tower positions; {what}"
 
 
 # The decoder families whose causal-LM forward Liger (0.8) replaces with its fused linear cross-entropy
@@ -130,9 +217,11 @@ def device_capacity() -> float | None:
         return None
 
 
-def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int | None = None) -> Estimate:
+def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int | None = None,
+             image_tokens: int | None = None) -> Estimate:
     """Peak memory of one device for this recipe (model: a meta-device skeleton, built when not given; seq:
-    tokens per row when the data decides it, as packing does)."""
+    tokens per row when the data decides it, as packing does; image_tokens: a vision-language run's image
+    tokens per example, within seq)."""
     from finetune.launch.presets import preset_kind
     from finetune.models.adapters import lora_config
     from finetune.models.quantization import quantizable_layers, skeleton
@@ -197,7 +286,9 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int
     masked = recipe.task == "clm" and packs_rows(recipe) and "flash" not in str(attn)
     if masked:
         kv_share = 1.0
-    per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes + ffn_saved_tensors(model, config) * f * act_bytes)
+    language = language_part(model)
+    per_layer = b * s * ((7 + 2 * kv_share) * h * hidden_bytes
+                         + ffn_saved_tensors(language, getattr(language, "config", config)) * f * act_bytes)
     if masked:
         per_layer += b * s * s * act_bytes
     if recipe.lora.dropout > 0:
@@ -217,6 +308,11 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int
         # never holds the logits; what stays is about a chunk of them and the hidden states' gradient.
         logits = float(2 * b * s * h * 4)
         notes.append("train.liger_kernel: the loss is fused with the LM head; no logits are kept")
+
+    trained = peft_model if recipe.method == "lora" else model
+    vision, vision_note = vision_cost(trained, config, recipe, b, image_tokens, act_bytes, h)
+    if vision_note:
+        notes.append(vision_note)
 
     # Distributed presets: what each device keeps.
     kind = preset_kind(t.distributed) if t.distributed else "ddp"
@@ -243,7 +339,7 @@ def estimate(recipe: Recipe, model=None, capacity: float | None = None, seq: int
     return Estimate(process=process, weights=weights, gradients=gradients, optimizer=optimizer,
                     activations=float(activations),
                     logits=logits, trainable=trainable, total_params=total, quantized_params=qparams,
-                    devices=devices, seq=s, capacity=capacity, notes=notes)
+                    devices=devices, seq=s, capacity=capacity, notes=notes, vision=vision)
 
 
 def fmt(n: float) -> str:
@@ -260,7 +356,8 @@ def report(recipe: Recipe, est: Estimate) -> list[str]:
              f"{', gradient checkpointing' if t.gradient_checkpointing else ''}):"]
     parts = (("process", est.process),) if est.process else ()
     for label, value in (*parts, ("weights", est.weights), ("gradients", est.gradients), ("optimizer", est.optimizer),
-                         ("activations", est.activations), ("logits/loss", est.logits)):
+                         ("activations", est.activations), ("logits/loss", est.logits),
+                         *((("vision", est.vision),) if est.vision else ())):
         lines.append(f"  {label:<12} {fmt(value):>11}")
     lines.append(f"  {'peak':<12} {fmt(est.peak):>11}  (estimate; allow ~10% for allocator fragmentation"
                  f"{' and ~0.5 GiB for the CUDA context' if est.capacity and is_cuda() else ''})")

@@ -29,13 +29,15 @@ def keep_tight(needed: float, budget: float) -> None:
               "resident memory stays near the estimate, steps take up to a third longer", flush=True)
 
 
-def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) -> Recipe:
+def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False, image_tokens: int | None = None
+                  ) -> Recipe:
     """The recipe with the largest micro-batch that fits the memory this process may still use, then
     gradient checkpointing, grad_accum keeping the effective batch; unchanged when it fits as set. Prints
     what it chose and why; no setting fits: a UserError with the numbers and the options.
 
     `loaded`: the weights are in memory already (and so out of what `headroom` leaves), as the process itself
-    is. Single-process runs only: with several, each device's share is checked by `finetune plan`."""
+    is. `image_tokens`: a vision-language run's image tokens per example. Single-process runs only: with
+    several, each device's share is checked by `finetune plan`."""
     from finetune.launch.headroom import headroom
 
     t = recipe.train
@@ -49,7 +51,7 @@ def fit_to_memory(recipe: Recipe, seq: int | None = None, loaded: bool = False) 
         import torch
 
         with torch.random.fork_rng():  # building the skeleton's adapter must not move the run's random stream
-            est = estimate(r, seq=seq, capacity=room.free)
+            est = estimate(r, seq=seq, capacity=room.free, image_tokens=image_tokens)
         return est.tensors - (est.weights if loaded else 0.0), est
 
     try:
