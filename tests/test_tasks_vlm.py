@@ -250,7 +250,7 @@ def test_bad_rows_are_one_line_naming_the_row(tmp_path, monkeypatch, row, needle
     with pytest.raises(UserError) as e:
         V.read_rows(rows, "data.train", tmp_path)
     message = str(e.value)
-    assert "data.train: row 1" in message and needle in message and "\n" not in message
+    assert "data.train row 2" in message and needle in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def test_template_that_breaks_the_prefix_property_is_expanded_or_refused(tmp_pat
     assert "[old] a red circle." in tok.decode(examples[1]["input_ids"])
     # one whose generation prompt is not what precedes the answer: refused, turn named
     processor.chat_template = LLAVA_TEMPLATE.replace("'ASSISTANT:'", "'BOT:'")
-    with pytest.raises(UserError, match="row 0, turn 3: the chat template renders the prompt differently"):
+    with pytest.raises(UserError, match="row 1, turn 3: the chat template renders the prompt differently"):
         V.prepare(processor, [row], base=tmp_path)
 
 
@@ -330,8 +330,8 @@ def test_an_overlong_example_is_dropped_or_refused_never_cut(tmp_path):
     limit = lengths[0] + 10
     assert lengths[2] > limit > lengths[0]
     kept, stats = V.prepare(processor, rows, base=tmp_path, max_length=limit)
-    assert stats["dropped"] == 1 and stats["dropped_rows"] == [2] and len(kept) == 2
-    with pytest.raises(UserError, match=r"row 2: \d+ tokens with its 1 images expanded, over data.max_length"):
+    assert stats["dropped"] == 1 and stats["dropped_rows"] == [3] and len(kept) == 2
+    with pytest.raises(UserError, match=r"row 3: \d+ tokens with its 1 images expanded, over data.max_length"):
         V.prepare(processor, rows, base=tmp_path, max_length=limit, on_overflow="error")
 
 
@@ -521,7 +521,7 @@ def test_generate_image_errors_are_one_line(shapes_run, tiny_gpt, tmp_path):
     code, stdout, stderr = invoke("generate", tiny_gpt, "--image", tmp_path / "a.png", "what?")
     assert code == 2 and stderr.strip() == (
         f"error: --image: '{tiny_gpt}' is not a vision-language model (its processor takes no images); use an "
-        "image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3, paligemma)")
+        "image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3)")
     clm_run = tmp_path / "clm-run"
     clm_run.mkdir()
     (clm_run / "config.json").write_text("{}")
@@ -533,6 +533,34 @@ def test_generate_image_errors_are_one_line(shapes_run, tiny_gpt, tmp_path):
     code, stdout, stderr = invoke("generate", run, "--image", tmp_path / "a.png", "--data", tmp_path / "r.jsonl",
                                   "-o", tmp_path / "o.jsonl")
     assert code == 2 and stderr.strip() == "error: --image: with --data, each row names its own images; drop --image"
+
+
+def test_models_and_data_that_cannot_train_images_are_refused_in_one_line(tiny_gpt, tmp_path):
+    """A text-only model for --task vlm, a VLM saved without its processor, image rows for a text task: each
+    one line naming the field and the fix, exit 2, nothing written."""
+    from conftest import invoke
+
+    data = tmp_path / "shapes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in shape_rows(tmp_path, 3, 0)))
+    takes = "qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3"
+    for verb in ("validate", "lora"):
+        code, _, stderr = invoke(verb, "--task", "vlm", "--model", tiny_gpt, "--data", data, "-o", tmp_path / "a")
+        assert code == 2 and stderr.strip() == (f"error: model.name: '{tiny_gpt}' is a gpt2 model, which takes no "
+                                                f"images; use an image-text-to-text model ({takes})")
+    model, _ = tiny_llava()
+    model.save_pretrained(tmp_path / "weights-only")
+    code, _, stderr = invoke("lora", "--task", "vlm", "--model", tmp_path / "weights-only", "--data", data,
+                             "-o", tmp_path / "b")
+    assert code == 2 and stderr.strip() == (
+        f"error: model.name: '{tmp_path / 'weights-only'}' has no processor files (preprocessor_config.json or "
+        "processor_config.json); a vision-language model needs its processor (tokenizer, chat template, image "
+        "processor): save it beside the weights (processor.save_pretrained) or copy those files from the base "
+        "checkpoint")
+    code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", data, "-o", tmp_path / "c")
+    assert code == 2 and stderr.splitlines()[0] == (
+        "error: data.train row 1: an image row (images, or image items in the messages), and this task trains on "
+        f"text only; train images with --task vlm on a vision-language model ({takes})")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 # ---------------------------------------------------------------------------------------
@@ -705,6 +733,39 @@ def test_qlora_quantises_the_language_model_and_keeps_the_vision_tower_in_16_bit
                                   "--set", "data.max_length=64")
     assert code == 0, stdout + stderr
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "idefics3"])
+def test_a_batch_mixes_rows_with_and_without_images(name, tmp_path):
+    """A text-only conversation in an image data set trains beside image rows, and alone in a batch: the
+    collator's labels are the prepared ones, the loss is finite and reaches the language model's adapters."""
+    import math
+
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import VisionCollator, with_lora
+
+    model, processor = {**FAMILIES, "idefics3": tiny_idefics3}[name]()
+    text_only = {"messages": [{"role": "user", "content": "what is a circle?"},
+                              {"role": "assistant", "content": "a round shape."}]}
+    examples, _ = V.prepare(processor, [text_only, *shape_rows(tmp_path, 2, 0)], base=tmp_path)
+    assert [len(e["images"]) for e in examples] == [0, 1, 1]
+    answer = processor.tokenizer.decode([t for t in examples[0]["labels"] if t != -100], skip_special_tokens=True)
+    assert answer.strip() == "a round shape."
+    model = with_lora(model, LoraSpec(r=4, alpha=8))
+    for batch_examples in (examples, examples[:1]):
+        batch = VisionCollator(processor)(batch_examples)
+        for row, example in zip(batch["labels"], batch_examples):
+            assert row[:len(example["labels"])].tolist() == example["labels"]
+            assert (row[len(example["labels"]):] == -100).all()
+        loss = model(**batch).loss
+        assert math.isfinite(loss.item())
+        model.zero_grad()
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
+        assert grads and any(torch.count_nonzero(g) for g in grads)
 
 
 # ---------------------------------------------------------------------------------------

@@ -75,6 +75,11 @@ def is_chat(fmt: str, row: dict | None = None, spec=None) -> bool:
 
 def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
     """Everything wrong with one row of data in format `fmt`, one line per problem."""
+    if has_images(row):
+        from finetune.data.vision_chat import TAKES_IMAGES
+
+        return [f"{where}: an image row (images, or image items in the messages), and this task trains on text "
+                f"only; train images with --task vlm on a vision-language model ({TAKES_IMAGES})"]
     cols = format_columns(fmt, spec)
     if all(row.get(c) is None for c in cols):
         others = [f for f in FORMATS if f != fmt and all(row.get(c) is not None for c in format_columns(f, spec))]
@@ -109,6 +114,16 @@ def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
         problems.append(f"{where}: the conversation ends with a '{turns[-1]['role']}' turn; end it with the "
                         "assistant's answer (the turn that is trained)")
     return problems
+
+
+def has_images(row: dict) -> bool:
+    """Whether a row carries images: an `images`/`image` field, or image items in its turns' content."""
+    if row.get("images") or row.get("image") is not None:
+        return True
+    turns = row.get("messages") or row.get("conversations")
+    return isinstance(turns, list) and any(
+        isinstance(t, dict) and isinstance(t.get("content"), list)
+        and any(isinstance(i, dict) and i.get("type") == "image" for i in t["content"]) for t in turns)
 
 
 def errors(problems: list[str]) -> list[str]:

@@ -35,6 +35,9 @@ from finetune.errors import UserError, first_line
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
          "model": "assistant"}
 PLACEHOLDER = "<image>"
+# The model types that take images in a chat (named in errors; any image-text-to-text model with a processor
+# and a chat template works)
+TAKES_IMAGES = "qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3"
 OVERFLOW = ("drop", "error")
 SHAPES = ("`images` + `messages` (trl), `<image>` placeholders in `messages`/`conversations` (ShareGPT), "
           "`image` + `question` + `answer` (VQA) or `image` + `caption`")
@@ -83,7 +86,7 @@ def content_items(content: Any, where: str) -> list[dict]:
 
 def normalize(row: dict, r: int, key: str) -> dict:
     """One row as {"messages": [{role, content: [items]}], "images": [items]}; one-line errors name the row."""
-    where = f"{key}: row {r}"
+    where = f"{key} row {r}"
     images = row.get("images")
     if images is None:
         images = [] if row.get("image") is None else [row["image"]]
@@ -181,9 +184,9 @@ def load_image(item: Any, where: str):
 def read_rows(rows: list[dict], key: str, base: Path | None) -> list[dict]:
     """Every row normalized and its image files checked (URLs kept as they are)."""
     out = []
-    for r, row in enumerate(rows):
+    for r, row in enumerate(rows, 1):  # numbered as the lines of a .jsonl file
         ex = normalize(row, r, key)
-        ex["images"] = [check_image(item, f"{key}: row {r}, images[{j}]", base) for j, item in enumerate(ex["images"])]
+        ex["images"] = [check_image(item, f"{key} row {r}, images[{j}]", base) for j, item in enumerate(ex["images"])]
         out.append(ex)
     return out
 
@@ -322,8 +325,8 @@ def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | N
     examples: list[dict] = []
     stats: dict[str, Any] = {"rows": len(rows), "examples": 0, "dropped": 0, "dropped_rows": [], "tokens": [],
                              "image_tokens": [], "image_sizes": []}
-    for r, row in enumerate(read_rows(rows, key, base)):
-        where = f"{key}: row {r}"
+    for r, row in enumerate(read_rows(rows, key, base), 1):
+        where = f"{key} row {r}"
         pics = [load_image(item, f"{where}, images[{j}]") for j, item in enumerate(row["images"])]
         stats["image_sizes"].extend(p.size for p in pics)
         found = examples_of(processor, row["messages"], pics, where, train_on, specials, image_ids)

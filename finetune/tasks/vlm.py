@@ -35,6 +35,7 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     set_seed(recipe.train.seed)
     d = recipe.data
     # 1. Processor: the chat template, the tokenizer and the image processor.
+    check_takes_images(recipe.model)
     processor = load_processor(recipe.model)
     # 2. Data: rows checked, masks derived and checked per example, over-long examples dropped (never cut).
     max_length = d.max_length or MAX_LENGTH
@@ -137,6 +138,13 @@ def load_processor(spec, source: str | None = None):
     from transformers import AutoProcessor
 
     name = source or spec.name
+    folder = Path(str(name)).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("preprocessor_config.json",
+                                                                      "processor_config.json")):
+        raise UserError(f"model.name: '{name}' has no processor files (preprocessor_config.json or "
+                        "processor_config.json); a vision-language model needs its processor (tokenizer, chat "
+                        "template, image processor): save it beside the weights (processor.save_pretrained) or copy "
+                        "those files from the base checkpoint")
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, TypeError, AttributeError) as e:
@@ -144,12 +152,21 @@ def load_processor(spec, source: str | None = None):
                         "model needs its processor (tokenizer, chat template, image processor)") from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise UserError(f"model.name: '{name}' has no image processor with its tokenizer, so it does not take "
-                        "images; use an image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, "
-                        "idefics3, smolvlm, gemma3, paligemma)")
+                        f"images; use an image-text-to-text model ({V.TAKES_IMAGES})")
     if not processor.chat_template:
         raise UserError(f"data.chat_template: the processor of '{name}' has no chat template; use an instruct "
                         "checkpoint or give the processor a template")
     return processor
+
+
+def check_takes_images(spec) -> None:
+    """A model whose config has no vision tower is refused before anything loads."""
+    from finetune.models import pretrained
+
+    config = pretrained.load_config(spec)
+    if not hasattr(config, "vision_config"):
+        raise UserError(f"model.name: '{spec.name}' is a {config.model_type} model, which takes no images; "
+                        f"use an image-text-to-text model ({V.TAKES_IMAGES})")
 
 
 def load_model(recipe: Recipe):
@@ -157,11 +174,6 @@ def load_model(recipe: Recipe):
 
     from finetune.models import pretrained
 
-    config = pretrained.load_config(recipe.model)
-    if not hasattr(config, "vision_config"):
-        raise UserError(f"model.name: '{recipe.model.name}' is a {config.model_type} model, which takes no images; "
-                        "use an image-text-to-text model (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, "
-                        "smolvlm, gemma3, paligemma)")
     # QLoRA quantises the language model only: the vision tower, the projector and the head stay in 16 bits
     # (small, and 4-bit image features cost accuracy for little memory).
     model = pretrained.load_model(recipe.model, AutoModelForImageTextToText,
@@ -281,6 +293,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
     d = recipe.data
     max_length = d.max_length or MAX_LENGTH
     try:
+        check_takes_images(recipe.model)
         processor = load_processor(recipe.model)
         rows, base = read_data(d.train, "data.train")
         _, stats = V.prepare(processor, rows, "data.train", base, max_length, d.on_overflow,

@@ -17,9 +17,6 @@ from finetune.data import vision_chat as V
 from finetune.errors import UserError, first_line
 from finetune.use.inference import chat_loop, check_model_dir, for_inference, run_recipe
 
-TAKES_IMAGES = "qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm, gemma3, paligemma"
-
-
 def is_vision_run(source: str) -> bool:
     """A run directory trained with the vlm task, or a model folder (a merged run) whose config has a vision
     tower: read from the recipe or the config, without loading the model."""
@@ -50,7 +47,7 @@ def load_vision(source: str):
                         "model needs its processor (tokenizer, chat template, image processor)") from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise UserError(f"--image: '{source}' is not a vision-language model (its processor takes no images); use "
-                        f"an image-text-to-text model ({TAKES_IMAGES})")
+                        f"an image-text-to-text model ({V.TAKES_IMAGES})")
     if not processor.chat_template:
         raise UserError(f"model: the processor of '{source}' has no chat template, so a question cannot be rendered "
                         "as in training; give the processor a template")
@@ -134,7 +131,7 @@ def prompt_row(row: dict, r: int, key: str) -> dict:
     """A data row in any shape training reads, as {"messages", "images"} ending in a user turn: a trailing
     assistant turn (the answer, when the file is training data) is dropped."""
     if not isinstance(row, dict):
-        raise UserError(f"{key}: row {r}: not a JSON object")
+        raise UserError(f"{key} row {r}: not a JSON object")
     row = dict(row)
     turns = row.pop("messages", row.pop("conversations", None))
     answer = {"role": "assistant", "content": "."}  # stands in for the answer V.normalize asks of training rows
@@ -150,7 +147,7 @@ def prompt_row(row: dict, r: int, key: str) -> dict:
     example = V.normalize(row, r, key)
     messages = example["messages"][:-1]
     if not messages or messages[-1]["role"] != "user":
-        raise UserError(f"{key}: row {r}: no user turn to answer; end each row with the user's question")
+        raise UserError(f"{key} row {r}: no user turn to answer; end each row with the user's question")
     return {"messages": messages, "images": example["images"]}
 
 
@@ -178,9 +175,9 @@ def generate_image_file(source: str, data: Path, output: Path, batch_size: int, 
     rows = read_rows(Path(data))
     base = Path(data).resolve().parent
     prompts = []
-    for r, row in enumerate(rows):
+    for r, row in enumerate(rows, 1):  # numbered as the lines of a .jsonl file
         p = prompt_row(row, r, "--data")
-        p["images"] = [V.check_image(item, f"--data: row {r}, images[{j}]", base) for j, item in enumerate(p["images"])]
+        p["images"] = [V.check_image(item, f"--data row {r}, images[{j}]", base) for j, item in enumerate(p["images"])]
         prompts.append(p)
     model, processor = load_vision(source)
     stops = stop_ids(processor)
@@ -188,7 +185,7 @@ def generate_image_file(source: str, data: Path, output: Path, batch_size: int, 
     answers: list[list[int]] = []
     start = time.perf_counter()
     for b in range(0, len(prompts), batch_size):
-        chunk = [(p["messages"], [V.load_image(item, f"--data: row {b + k}") for item in p["images"]])
+        chunk = [(p["messages"], [V.load_image(item, f"--data row {b + k + 1}") for item in p["images"]])
                  for k, p in enumerate(prompts[b:b + batch_size])]
         answers += generate_batch(model, processor, chunk, max_new_tokens, temperature, top_p, stops)
     seconds = time.perf_counter() - start
