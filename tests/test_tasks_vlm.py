@@ -230,6 +230,26 @@ def test_row_shapes_become_one_format(tmp_path):
     assert caption["messages"][0]["content"] == [{"type": "image"}]
 
 
+def test_an_imagefolder_with_captions_trains_on_the_captions(tmp_path):
+    """An `imagefolder` (images + metadata.jsonl with a caption column) reads as image + caption rows: the
+    image is the user turn, the caption the trained answer."""
+    from finetune.data import vision_chat as V
+    from finetune.tasks.vlm import read_data
+
+    rng = random.Random(0)
+    with (tmp_path / "metadata.jsonl").open("w") as f:
+        for k, shape in enumerate(SHAPES):
+            draw(shape, rng).save(tmp_path / f"{k}.png")
+            f.write(json.dumps({"file_name": f"{k}.png", "caption": f"a {COLOURS[shape]} {shape}."}) + "\n")
+    rows, base = read_data(str(tmp_path), "data.train")
+    _, processor = tiny_llava()
+    examples, stats = V.prepare(processor, rows, base=base)
+    assert stats["examples"] == 3 and stats["image_sizes"] == [(16, 16)] * 3
+    answers = sorted(processor.tokenizer.decode([t for t in e["labels"] if t != -100], skip_special_tokens=True)
+                     for e in examples)
+    assert [a.strip() for a in answers] == sorted(f"a {COLOURS[s]} {s}." for s in SHAPES)
+
+
 @pytest.mark.parametrize("row, needle", [
     ({"images": ["a.png", "a.png"], "messages": [{"role": "user", "content": "<image>q"},
                                                  {"role": "assistant", "content": "a"}]}, "1 image places"),
