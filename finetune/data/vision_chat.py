@@ -213,12 +213,20 @@ def image_token_ids(processor) -> set[int]:
             found.update(v for v in value if isinstance(v, int))
         elif name.endswith("_token") and isinstance(value, str) and value:
             found.update(tokenizer.encode(value, add_special_tokens=False))
+    for name in ("boi_token", "eoi_token", "image_token"):  # Gemma 3 names its image frame on the tokenizer only
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, str) and value:
+            found.update(tokenizer.encode(value, add_special_tokens=False))
     unk = tokenizer.unk_token_id
     return {i for i in found if i is not None and i != unk}
 
 
 def feature_token_id(processor) -> int | None:
-    """The id of the token each image feature replaces (LLaVA's `<image>`, Qwen2-VL's `<|image_pad|>`)."""
+    """The id of the token each image feature replaces (LLaVA's `<image>`, Qwen2-VL's `<|image_pad|>`, Gemma 3's
+    `<image_soft_token>`, where `image_token_id` is the `<start_of_image>` that frames them)."""
+    ids = getattr(processor, "image_token_ids", None)
+    if isinstance(ids, (list, tuple)) and len(ids) == 1 and isinstance(ids[0], int):
+        return ids[0]
     found = getattr(processor, "image_token_id", None)
     if isinstance(found, int):
         return found

@@ -106,6 +106,11 @@ def vlm_targets(model, vision: bool = False, projector: bool = False) -> str:
     skip = [] if projector else projectors  # Qwen2-VL's merger sits inside its vision tower
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and any(n.startswith(r + ".") for r in roots) and not any(n.startswith(s + ".") for s in skip)]
+    if projector and not any(n.startswith(p + ".") for n in linear for p in projectors):
+        where = ", ".join(projectors) or "none found"
+        raise UserError(f"lora.projector: this {model.config.model_type} model's projector ({where}) has no linear "
+                        "layer for an adapter; drop lora.projector, or train it in full with "
+                        f"lora.modules_to_save=[{projectors[0].rsplit('.', 1)[-1] if projectors else 'NAME'}]")
     if not linear:
         raise UserError("lora.target_modules: no linear layer in the language model; set lora.target_modules")
     return "^(" + "|".join(re.escape(n) for n in linear) + ")$"

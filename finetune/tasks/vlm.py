@@ -116,8 +116,10 @@ class VisionCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        pics = [V.load_image(item, f"row {f.get('row', '?')}") for f in features for item in f["images"]]
-        batch = self.processor(text=[f["text"] for f in features], images=pics or None, padding=True,
+        # the images of each example in a list of their own: Gemma 3's processor reads a flat list as all one
+        # example's images
+        pics = [[V.load_image(item, f"row {f.get('row', '?')}") for item in f["images"]] for f in features]
+        batch = self.processor(text=[f["text"] for f in features], images=pics if any(pics) else None, padding=True,
                                add_special_tokens=False, return_tensors="pt", padding_side="right")
         labels = torch.full_like(batch["input_ids"], -100)
         for b, f in enumerate(features):

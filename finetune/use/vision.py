@@ -96,8 +96,9 @@ def generate_batch(model, processor, prompts: list[tuple[list[dict], list]], max
     import torch
 
     texts = [V.render(processor, messages, True) for messages, _ in prompts]
-    pics = [p for _, images in prompts for p in images]
-    batch = processor(text=texts, images=pics or None, padding=True, padding_side="left", add_special_tokens=False,
+    pics = [list(images) for _, images in prompts]  # per example (a flat list is one example's to Gemma 3)
+    batch = processor(text=texts, images=pics if any(pics) else None, padding=True, padding_side="left",
+                      add_special_tokens=False,
                       return_tensors="pt").to(model.device)
     sample = temperature > 0
     with torch.no_grad():
