@@ -393,11 +393,14 @@ def test_a_tiny_vlm_learns_which_shape_an_image_shows(name, tmp_path):
 def test_lora_task_vlm_validates_trains_reloads_and_merges(tmp_path):
     """`finetune validate` and `finetune lora --task vlm` on a tiny LLaVA saved to disk, then the run reloads and
     merges into a plain model that gives the adapter's logits."""
+    import math
+
     import torch
     from conftest import invoke
 
     from PIL import Image
 
+    from finetune.data import vision_chat as V
     from finetune.tasks.vlm import load_trained
 
     model, processor = tiny_llava()
@@ -417,10 +420,19 @@ def test_lora_task_vlm_validates_trains_reloads_and_merges(tmp_path):
     assert "memory per device (lora, fp32, batch 8 x 44 tokens" in stdout
     assert ("vision: 16 image tokens per example, 16 tower positions; the pixels only (the tower is frozen: it "
             "keeps nothing for backward)") in stdout
+    # the first example with its answer marked and its image's 16 tokens written once; what is held out
+    examples, _ = V.prepare(processor, rows, base=data)
+    share = sum(t != -100 for e in examples for t in e["labels"]) / sum(len(e["labels"]) for e in examples)
+    assert f"  loss on {share:.1%} of the tokens (data.train_on: assistant); no image token carries loss" in stdout
+    assert f"USER: <image>×16\n    {QUESTION} ASSISTANT:[[ {rows[0]['messages'][1]['content'][0]['text']}" in stdout
+    assert "data.eval: 1 of the 24 rows of data.train held out for evaluation (data.eval_fraction 0.05;" in stdout
+    assert "training: about 9 optimizer steps (3 epochs of 3); 23 rows of up to 44 tokens" in stdout
     run = tmp_path / "run"
     code, stdout, stderr = invoke("lora", *common, "-o", run, "--max-steps", "4", "--set", "train.batch_size=4")
     assert code == 0, stdout + stderr
-    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    assert "data.eval: 1 of the 24 rows of data.train held out" in stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and math.isfinite(metrics["eval_loss"])
     assert (run / "adapter_model.safetensors").is_file() and (run / "processor_config.json").is_file()
     merged_dir = tmp_path / "merged"
     code, stdout, stderr = invoke("merge", run, "-o", merged_dir)

@@ -234,6 +234,26 @@ def feature_token_id(processor) -> int | None:
     return processor.tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
 
 
+def show_example(processor, example: dict, colour: bool) -> str:
+    """An example's text with the trained tokens marked (green on a terminal, [[...]] otherwise) and each run of
+    an image's tokens written once with its count (`<image>×64`)."""
+    tokenizer, images = processor.tokenizer, image_token_ids(processor)
+    out, inside, ids, labels, k = [], False, example["input_ids"], example["labels"], 0
+    while k < len(ids):
+        trained = labels[k] != -100
+        if trained != inside:
+            out.append(("\033[32m" if trained else "\033[0m") if colour else ("[[" if trained else "]]"))
+            inside = trained
+        run = 1
+        while ids[k] in images and k + run < len(ids) and ids[k + run] == ids[k] and labels[k + run] == labels[k]:
+            run += 1
+        out.append(tokenizer.decode([ids[k]]) + (f"×{run}" if run > 1 else ""))
+        k += run
+    if inside:
+        out.append("\033[0m" if colour else "]]")
+    return "".join(out)
+
+
 def render(processor, messages: list[dict], generation_prompt: bool) -> str:
     from jinja2 import TemplateError
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from finetune.data import vision_chat as V
@@ -41,12 +42,15 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     max_length = d.max_length or MAX_LENGTH
     on_overflow = d.on_overflow
     train_rows, base = read_data(d.train, "data.train")
+    train_rows, held, note = hold_out(train_rows, recipe)
     train, stats = V.prepare(processor, train_rows, "data.train", base, max_length, on_overflow, d.train_on)
     report(stats, "data.train", max_length)
     eval_ds = None
-    if d.eval:
-        eval_rows, eval_base = read_data(d.eval, "data.eval")
+    if d.eval or held:
+        eval_rows, eval_base = read_data(d.eval, "data.eval") if d.eval else (held, base)
         eval_ds, _ = V.prepare(processor, eval_rows, "data.eval", eval_base, max_length, on_overflow, d.train_on)
+        if note:
+            print(note, flush=True)
     # Batch and steps: the largest micro-batch that fits (the longest example, its images' tokens and, when
     # the tower trains, its activations counted), and small data trained for enough optimizer steps.
     recipe = fit_to_memory(recipe, seq=max(stats["tokens"]), image_tokens=max(stats["image_tokens"]))
@@ -92,6 +96,21 @@ def read_data(source: str, key: str) -> tuple[list[dict], Path | None]:
     from finetune.data.sources import load_source
 
     return [dict(r) for r in load_source(str(source), key)], V.data_base_of(str(source))
+
+
+def hold_out(rows: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, a line saying so): data.eval_fraction of the rows, drawn with the run's seed,
+    when data.eval is unset (as text data is split; rows, not examples, so a conversation stays on one side)."""
+    import random
+
+    d = recipe.data
+    if d.eval or d.eval_fraction <= 0 or len(rows) < 4:
+        return rows, [], ""
+    n = max(1, round(len(rows) * d.eval_fraction))
+    held = set(random.Random(recipe.train.seed).sample(range(len(rows)), n))
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held],
+            f"data.eval: {n} of the {len(rows)} rows of data.train held out for evaluation (data.eval_fraction "
+            f"{d.eval_fraction:g}; data.eval names a file instead, data.eval_fraction=0 trains on all)")
 
 
 def report(stats: dict, key: str, max_length: int) -> None:
@@ -298,8 +317,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
         check_takes_images(recipe.model)
         processor = load_processor(recipe.model)
         rows, base = read_data(d.train, "data.train")
-        _, stats = V.prepare(processor, rows, "data.train", base, max_length, d.on_overflow,
-                             d.train_on)
+        examples, stats = V.prepare(processor, rows, "data.train", base, max_length, d.on_overflow, d.train_on)
     except UserError as e:
         return e.problems, []
     lengths = length_stats(stats["tokens"])
@@ -312,4 +330,17 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
     if stats["dropped"]:
         notes.append(f"{stats['dropped']} examples exceed data.max_length={max_length} with their images expanded "
                      "and will be dropped (data.on_overflow: drop)")
+    trained = sum(t != -100 for e in examples for t in e["labels"])
+    notes.append(f"loss on {trained / max(1, sum(stats['tokens'])):.1%} of the tokens (data.train_on: {d.train_on}); "
+                 "no image token carries loss")
+    colour = sys.stdout.isatty()
+    notes.append("the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
+    shown = V.show_example(processor, examples[0], colour)
+    notes.append("  " + shown.rstrip("\n").replace("\n", "\n    "))
+    train_rows, _, held = hold_out(rows, recipe)
+    if held:
+        notes.append(held)
+    per_row = stats["examples"] / max(1, stats["rows"])
+    _, lines = session.plan_steps(recipe, max(1, round(len(train_rows) * per_row)), max(stats["tokens"]))
+    notes += [line.replace("training: ", "training: about ", 1) for line in lines]
     return [], notes, max(stats["tokens"]), max(stats["image_tokens"])
