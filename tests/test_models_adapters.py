@@ -119,10 +119,41 @@ def test_variant_problems_against_quantisation_and_device():
         "lora.init: peft computes loftq on a CUDA GPU and this machine has none; use lora.init=default"]
     assert variant_problems(LoraSpec(init="loftq"), "lora", 4, "llama", 16, 32000, cuda=True) == []
     assert variant_problems(LoraSpec(use_dora=True), "lora", 4, "llama", 16, 32000, cuda=False) == []  # peft 0.21
-    assert variant_problems(LoraSpec(layers_to_transform=[0], target_modules="all-linear"), "lora", None, "llama",
-                            16, None, cuda=False) == [
-        "lora.layers_to_transform: cannot be combined with lora.target_modules=all-linear (peft); name the modules "
-        "in lora.target_modules"]
+
+
+def test_layers_to_transform_with_all_linear_and_vision_language_targets():
+    """peft takes layers_to_transform with a list of module names only: `all-linear` and a VLM's regex are
+    named for it, so only the chosen layers get adapters."""
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    for targets in (None, "all-linear"):
+        peft_model = apply_lora(model, LoraSpec(r=2, alpha=4, layers_to_transform=[1], target_modules=targets),
+                                "CAUSAL_LM")
+        names = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+        assert len(names) == 7 and all(".layers.1." in n for n in names)
+        peft_model.unload()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tasks_vlm import tiny_llava
+
+    vlm, _ = tiny_llava()
+    peft_model = apply_lora(vlm, LoraSpec(r=2, alpha=4, layers_to_transform=[0]), None)
+    names = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert len(names) == 7 and all("language_model.layers.0." in n for n in names)
+
+
+def test_lora_vision_and_projector_outside_a_vision_language_run_are_refused(tiny_gpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    code, out, err = invoke("lora", "--model", tiny_gpt, "--data", data, "-o", tmp_path / "run",
+                            "--set", "lora.vision=true", "--set", "lora.projector=true")
+    assert code == 2 and errors(err) == [
+        "error: lora.vision: adapts a vision-language model's vision (--task vlm); this is a clm run, drop it",
+        "error: lora.projector: adapts a vision-language model's projector (--task vlm); this is a clm run, drop it"]
 
 
 def test_initialisation_needing_a_task_step_is_refused_elsewhere(tiny_gpt, tmp_path):

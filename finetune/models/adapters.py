@@ -5,8 +5,11 @@ The default is every linear layer of the blocks, attention and MLP alike: the QL
 Without Regret" (Schulman et al., 2025) find that adapting the MLPs matters most and that
 attention-only LoRA (peft's own defaults, query/value) learns less at the same rank.
 `DEFAULT_TARGETS` names the layers where peft's `all-linear` would pick the wrong set (Conv1D in
-GPT-2, ViT and VisionEncoderDecoder, encoders whose pooler or head is a plain Linear); every other
-model gets `all-linear`, which leaves out the output head (LM head or classifier).
+GPT-2, ViT and VisionEncoderDecoder, encoders whose pooler or head is a plain Linear). A model with a vision
+tower and a language model (Gemma 3, Qwen2-VL, LLaVA, ..., whatever the task: text tasks load Gemma 3 as
+its image-text class too) gets the language model's linear layers (`vlm_targets`; the tower and projector
+with lora.vision / lora.projector, vlm runs only). Every other model gets `all-linear`, which leaves out the
+output head (LM head or classifier).
 
 Every variant is checked against the model and the method before weights load (`lora_problems`, from the
 model's config) and again against the loaded model (`apply_lora`), so peft's own errors, raised deep
@@ -144,9 +147,6 @@ def variant_problems(spec: LoraSpec, method: str, bits: int | None, model_type: 
     elif spec.init == "loftq" and not cuda:
         out.append("lora.init: peft computes loftq on a CUDA GPU and this machine has none; use lora.init=default")
     if spec.layers_to_transform is not None:
-        if spec.target_modules == "all-linear":
-            out.append("lora.layers_to_transform: cannot be combined with lora.target_modules=all-linear (peft); name "
-                       "the modules in lora.target_modules")
         bad = [i for i in spec.layers_to_transform if i < 0 or (num_layers is not None and i >= num_layers)]
         if bad:
             out.append(f"lora.layers_to_transform: no layer {', '.join(map(str, bad))} in this model; its layers are "
@@ -163,8 +163,10 @@ def variant_problems(spec: LoraSpec, method: str, bits: int | None, model_type: 
 def lora_problems(recipe: Recipe) -> list[str]:
     """Pre-flight: the LoRA variants against the model's config (no weights), the method and the device."""
     spec = recipe.lora
+    parts = [f"lora.{k}: adapts a vision-language model's {k} (--task vlm); this is a {recipe.task} run, drop it"
+             for k in ("vision", "projector") if getattr(spec, k) and recipe.task != "vlm"]
     if all(getattr(spec, k) == d for k, d in VARIANT_DEFAULTS.items()):
-        return []
+        return parts
     model_type, num_layers, vocab_size = "", None, None
     if recipe.method == "lora" and recipe.model.name:
         from finetune.models.pretrained import load_config
@@ -184,7 +186,7 @@ def lora_problems(recipe: Recipe) -> list[str]:
     if recipe.method == "lora" and tasks is not None and recipe.task not in tasks:
         out.append(f"lora.init: {spec.init} is not supported by the {recipe.task} task yet (its adapter would be "
                    f"saved unconverted); the tasks that support it: {', '.join(tasks)}")
-    return out
+    return parts + out
 
 
 def token_indices(spec: LoraSpec, tokenizer) -> list[int] | None:
@@ -214,6 +216,8 @@ def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: l
     from peft import LoraConfig
 
     targets = target_modules(model, spec)
+    if spec.layers_to_transform is not None and isinstance(targets, str):
+        targets = named_targets(model, targets, spec.layers_to_transform)  # peft wants a list of names for it
     keep = list(dict.fromkeys([*(modules_to_save or []), *(spec.modules_to_save or [])])) or None
     # loftq starts as a plain adapter; apply_lora replaces its weights afterwards from the 4-bit base
     # (peft's replace_lora_weights_loftq), which needs no full-precision copy of the model in memory.
@@ -224,6 +228,26 @@ def lora_config(model, spec: LoraSpec, task_type: str | None, modules_to_save: l
                       layers_to_transform=spec.layers_to_transform,
                       trainable_token_indices=token_layers(model, sorted({*(token_indices(spec, tokenizer) or []),
                                                                           *(trainable_tokens or [])})))
+
+
+def named_targets(model, targets: str, layers: list[int]) -> list[str]:
+    """A string target (`all-linear`, or a regex such as a VLM's) as the list of module names it picks: the
+    linear layers' own names for `all-linear` (never the output layer; peft keeps those of `layers`), the full
+    names a regex matches in `layers` (peft takes a full name as it is, whatever its layer)."""
+    import re
+
+    import torch
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if targets == "all-linear":
+        head = model.get_output_embeddings()
+        heads = {n for n, m in model.named_modules() if m is head}
+        return sorted({n.rsplit(".", 1)[-1] for n in linear if n not in heads})
+    def layer(name: str) -> int | None:
+        found = re.search(r"\.(\d+)\.", name)  # peft's default layers pattern: the first index in the name
+        return int(found.group(1)) if found else None
+
+    return [n for n in linear if re.fullmatch(targets, n) and layer(n) in layers]
 
 
 def token_layers(model, ids: list[int]):
