@@ -207,7 +207,7 @@ def train_args(model: Path, data: Path, run: Path, steps: int, lr: float, batch:
                extra: list[str] | None = None) -> list[str]:
     args = ["lora", "--task", "vlm", "--model", model, "--data", data, "-o", run, "--overwrite",
             "--max-steps", steps, "--set", f"train.learning_rate={lr}", "--set", f"train.batch_size={batch}",
-            "--set", "train.scheduler=constant", "--set", "train.warmup=0",
+            "--set", "train.scheduler=constant", "--set", "train.warmup=0", "--set", "data.eval_fraction=0",
             "--set", f"lora.projector={str(projector).lower()}"]
     return [str(a) for a in args] + (extra or [])
 

@@ -269,4 +269,5 @@ def test_generate_answers_a_batch_of_prompts_with_different_image_counts(tmp_pat
     prompts = [(two["messages"][:2], pics[:1]), (two["messages"][:4], pics), ([{"role": "user", "content": [
         {"type": "text", "text": QUESTION}]}], [])]
     answers = generate_batch(model, processor, prompts, 3, 0.0, 1.0, stop_ids(processor))
-    assert len(answers) == 3 and all(len(a) <= 3 for a in answers)
+    alone = [generate_batch(model, processor, [p], 3, 0.0, 1.0, stop_ids(processor))[0] for p in prompts]
+    assert answers == alone and all(len(a) <= 3 for a in answers)

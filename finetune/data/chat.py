@@ -118,7 +118,7 @@ def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
 
 def has_images(row: dict) -> bool:
     """Whether a row carries images: an `images`/`image` field, or image items in its turns' content."""
-    if row.get("images") or row.get("image") is not None:
+    if row.get("images") or row.get("image"):
         return True
     turns = row.get("messages") or row.get("conversations")
     return isinstance(turns, list) and any(

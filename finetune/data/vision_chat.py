@@ -181,10 +181,11 @@ def load_image(item: Any, where: str):
     return open_image(item, where)
 
 
-def read_rows(rows: list[dict], key: str, base: Path | None) -> list[dict]:
-    """Every row normalized and its image files checked (URLs kept as they are)."""
+def read_rows(rows: list[dict], key: str, base: Path | None, lines: list[int] | None = None) -> list[dict]:
+    """Every row normalized and its image files checked (URLs kept as they are). `lines`: the rows' numbers in
+    their file (1, 2, ... unless given)."""
     out = []
-    for r, row in enumerate(rows, 1):  # numbered as the lines of a .jsonl file
+    for r, row in zip(lines or range(1, len(rows) + 1), rows):  # numbered as the lines of a .jsonl file
         ex = normalize(row, r, key)
         ex["images"] = [check_image(item, f"{key} row {r}, images[{j}]", base) for j, item in enumerate(ex["images"])]
         out.append(ex)
@@ -215,8 +216,9 @@ def image_token_ids(processor) -> set[int]:
             found.update(tokenizer.encode(value, add_special_tokens=False))
     for name in ("boi_token", "eoi_token", "image_token"):  # Gemma 3 names its image frame on the tokenizer only
         value = getattr(tokenizer, name, None)
-        if isinstance(value, str) and value:
-            found.update(tokenizer.encode(value, add_special_tokens=False))
+        ids = tokenizer.encode(value, add_special_tokens=False) if isinstance(value, str) and value else []
+        if len(ids) == 1:  # a token of the vocabulary, not text that happens to spell its name
+            found.update(ids)
     unk = tokenizer.unk_token_id
     return {i for i in found if i is not None and i != unk}
 
@@ -236,19 +238,26 @@ def feature_token_id(processor) -> int | None:
 
 def show_example(processor, example: dict, colour: bool) -> str:
     """An example's text with the trained tokens marked (green on a terminal, [[...]] otherwise) and each run of
-    an image's tokens written once with its count (`<image>×64`)."""
+    an image's tokens written once with its count (`<image>×64`). Text is decoded a stretch at a time, so that
+    characters made of several byte-level tokens come out whole."""
     tokenizer, images = processor.tokenizer, image_token_ids(processor)
-    out, inside, ids, labels, k = [], False, example["input_ids"], example["labels"], 0
+    ids, labels = example["input_ids"], example["labels"]
+    out, inside, k = [], False, 0
     while k < len(ids):
         trained = labels[k] != -100
         if trained != inside:
             out.append(("\033[32m" if trained else "\033[0m") if colour else ("[[" if trained else "]]"))
             inside = trained
-        run = 1
-        while ids[k] in images and k + run < len(ids) and ids[k + run] == ids[k] and labels[k + run] == labels[k]:
-            run += 1
-        out.append(tokenizer.decode([ids[k]]) + (f"×{run}" if run > 1 else ""))
-        k += run
+        end = k + 1
+        if ids[k] in images:  # one image token, repeated
+            while end < len(ids) and ids[end] == ids[k] and (labels[end] != -100) == trained:
+                end += 1
+            out.append(tokenizer.decode([ids[k]]) + (f"×{end - k}" if end - k > 1 else ""))
+        else:  # text up to the next image token or change of mark
+            while end < len(ids) and ids[end] not in images and (labels[end] != -100) == trained:
+                end += 1
+            out.append(tokenizer.decode(ids[k:end]))
+        k = end
     if inside:
         out.append("\033[0m" if colour else "]]")
     return "".join(out)
@@ -336,13 +345,18 @@ def examples_of(processor, messages: list[dict], pics: list, where: str, train_o
     return out
 
 
+class NothingFits(UserError):
+    """No example of a data set fits data.max_length."""
+
+
 def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | None = None,
-            max_length: int | None = None, on_overflow: str = "drop", train_on: str = "assistant"
-            ) -> tuple[list[dict], dict]:
+            max_length: int | None = None, on_overflow: str = "drop", train_on: str = "assistant",
+            lines: list[int] | None = None) -> tuple[list[dict], dict]:
     """(examples, stats) of raw rows: normalized, images checked and opened, masked and checked, examples
     longer than `max_length` (images expanded) dropped or refused. Each example keeps the image items it
     uses, so a collator decodes them again batch by batch. stats: rows, examples, dropped, tokens (lengths),
-    image_tokens (the tokens image features fill, per example), image_sizes."""
+    image_tokens (the tokens image features fill, per example), image_sizes. `lines`: the rows' numbers in
+    their file, for messages (1, 2, ... unless given)."""
     if on_overflow not in OVERFLOW:
         raise UserError(f"data.on_overflow: '{on_overflow}' is not one of {', '.join(OVERFLOW)}")
     if getattr(processor, "image_processor", None) is None:
@@ -353,7 +367,7 @@ def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | N
     examples: list[dict] = []
     stats: dict[str, Any] = {"rows": len(rows), "examples": 0, "dropped": 0, "dropped_rows": [], "tokens": [],
                              "image_tokens": [], "image_sizes": []}
-    for r, row in enumerate(read_rows(rows, key, base), 1):
+    for r, row in zip(lines or range(1, len(rows) + 1), read_rows(rows, key, base, lines)):
         where = f"{key} row {r}"
         pics = [load_image(item, f"{where}, images[{j}]") for j, item in enumerate(row["images"])]
         stats["image_sizes"].extend(p.size for p in pics)
@@ -375,6 +389,6 @@ def prepare(processor, rows: list[dict], key: str = "data.train", base: Path | N
             examples.append(ex)
     stats["examples"] = len(examples)
     if not examples:
-        raise UserError(f"{key}: no example fits data.max_length={max_length} once its images are expanded; raise "
-                        "data.max_length or shrink the images")
+        raise NothingFits(f"{key}: no example fits data.max_length={max_length} once its images are expanded; "
+                          "raise data.max_length or shrink the images")
     return examples, stats

@@ -7,7 +7,8 @@ Model: an image-text-to-text checkpoint (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 
 processor, whose chat template renders the conversations and whose image processor expands each image.
 Data: vision chat rows (finetune/data/vision_chat.py): trl's `images` + `messages`, `<image>` placeholders
 (ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths relative to the data file.
-Recipe fields used: model.*, data.train/eval, data.max_length (tokens with images expanded; unset: 2048),
+Recipe fields used: model.*, data.train/eval (or data.eval_split, or data.eval_fraction held out), data.train_split,
+data.config, data.max_length (tokens with images expanded; unset: 2048),
 data.on_overflow (drop|error), data.train_on, lora.* (lora.vision, lora.projector), train.*.
 With LoRA the language model's linear layers get adapters; the vision tower and the projector stay frozen
 unless lora.vision / lora.projector add them.
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from finetune.data import vision_chat as V
 from finetune.errors import UserError, first_line
-from finetune.models.adapters import VLM_PROJECTOR, VLM_VISION, apply_lora, is_adapter_dir, trained_towers
+from finetune.models.adapters import (VLM_PROJECTOR, VLM_VISION, apply_lora, is_adapter_dir, part_names,
+                                      trained_towers)
 from finetune.recipe.schema import Recipe
 from finetune.training import session
 from finetune.training.fit import fit_to_memory
@@ -41,16 +43,24 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
     # 2. Data: rows checked, masks derived and checked per example, over-long examples dropped (never cut).
     max_length = d.max_length or MAX_LENGTH
     on_overflow = d.on_overflow
-    train_rows, base = read_data(d.train, "data.train")
-    train_rows, held, note = hold_out(train_rows, recipe)
-    train, stats = V.prepare(processor, train_rows, "data.train", base, max_length, on_overflow, d.train_on)
+    rows, base = read_data(d.train, "data.train", d.train_split, d.config)
+    train_lines, held_lines, note = hold_out(len(rows), recipe)
+    train, stats = V.prepare(processor, [rows[i - 1] for i in train_lines], "data.train", base, max_length,
+                             on_overflow, d.train_on, lines=train_lines)
     report(stats, "data.train", max_length)
     eval_ds = None
-    if d.eval or held:
-        eval_rows, eval_base = read_data(d.eval, "data.eval") if d.eval else (held, base)
+    if d.eval or d.eval_split:
+        eval_rows, eval_base = read_data(d.eval or d.train, "data.eval", d.eval_split or "validation", d.config)
         eval_ds, _ = V.prepare(processor, eval_rows, "data.eval", eval_base, max_length, on_overflow, d.train_on)
-        if note:
-            print(note, flush=True)
+    elif held_lines:
+        print(note, flush=True)
+        try:
+            eval_ds, _ = V.prepare(processor, [rows[i - 1] for i in held_lines], "data.train", base, max_length,
+                                   on_overflow, d.train_on, lines=held_lines)
+        except V.NothingFits:
+            print(f"warning: data.eval_fraction: none of the {len(held_lines)} held-out rows fits "
+                  f"data.max_length={max_length} once its images are expanded; training without evaluation",
+                  flush=True)
     # Batch and steps: the largest micro-batch that fits (the longest example, its images' tokens and, when
     # the tower trains, its activations counted), and small data trained for enough optimizer steps.
     recipe = fit_to_memory(recipe, seq=max(stats["tokens"]), image_tokens=max(stats["image_tokens"]))
@@ -83,8 +93,9 @@ def run(recipe: Recipe, resume: bool = False, callbacks: list | None = None) -> 
 # Data
 
 
-def read_data(source: str, key: str) -> tuple[list[dict], Path | None]:
-    """Rows of a .jsonl/.json file (image paths relative to it) or a dataset (its image columns kept)."""
+def read_data(source: str, key: str, split: str = "train", config: str | None = None
+              ) -> tuple[list[dict], Path | None]:
+    """Rows of a .jsonl/.json file (image paths relative to it) or a dataset's split (its image columns kept)."""
     path = Path(str(source)).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         text = path.read_text()
@@ -95,21 +106,23 @@ def read_data(source: str, key: str) -> tuple[list[dict], Path | None]:
         return rows, path.resolve().parent
     from finetune.data.sources import load_source
 
-    return [dict(r) for r in load_source(str(source), key)], V.data_base_of(str(source))
+    return [dict(r) for r in load_source(str(source), key, split, config)], V.data_base_of(str(source))
 
 
-def hold_out(rows: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict], str]:
-    """(train rows, held-out rows, a line saying so): data.eval_fraction of the rows, drawn with the run's seed,
-    when data.eval is unset (as text data is split; rows, not examples, so a conversation stays on one side)."""
+def hold_out(rows: int, recipe: Recipe) -> tuple[list[int], list[int], str]:
+    """(training rows, held-out rows, a line saying so), as 1-based row numbers of data.train: data.eval_fraction
+    of the rows drawn with the run's seed when neither data.eval nor data.eval_split is set (as text data is
+    split; rows, not examples, so a conversation stays on one side)."""
     import random
 
     d = recipe.data
-    if d.eval or d.eval_fraction <= 0 or len(rows) < 4:
-        return rows, [], ""
-    n = max(1, round(len(rows) * d.eval_fraction))
-    held = set(random.Random(recipe.train.seed).sample(range(len(rows)), n))
-    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held],
-            f"data.eval: {n} of the {len(rows)} rows of data.train held out for evaluation (data.eval_fraction "
+    every = list(range(1, rows + 1))
+    if d.eval or d.eval_split or d.eval_fraction <= 0 or rows < 4:
+        return every, [], ""
+    n = min(rows - 1, max(1, round(rows * d.eval_fraction)))
+    held = sorted(random.Random(recipe.train.seed).sample(every, n))
+    return ([i for i in every if i not in set(held)], held,
+            f"data.eval: {n} of the {rows} rows of data.train held out for evaluation (data.eval_fraction "
             f"{d.eval_fraction:g}; data.eval names a file instead, data.eval_fraction=0 trains on all)")
 
 
@@ -202,6 +215,7 @@ def load_model(recipe: Recipe):
                                   keep=[".*" + re.escape(n) for n in (*VLM_VISION, *VLM_PROJECTOR)] + ["lm_head"]
                                   if recipe.quant.bits else None)
     model.config.use_cache = False
+    input_grads_where_needed(model)  # before QLoRA's preparation enables checkpointing
     if recipe.quant.bits:
         from finetune.models.quantization import prepare_quantized
 
@@ -222,26 +236,36 @@ def input_grads_where_needed(model) -> None:
     embedding too. A frozen vision tower then builds a graph, keeps each layer's input and runs backward to
     no parameter (a tiny LLaVA with a 4-layer tower, batch 4: a 20.9 MiB peak, 12.5 without). Here the hook
     goes on the language model's embeddings, and on a vision tower's only once some of its parameters train
-    (lora.vision, full fine-tuning), decided when training enables checkpointing."""
+    (lora.vision, full fine-tuning), decided each time checkpointing is enabled (QLoRA's preparation, peft,
+    the Trainer). Installed as soon as the model loads; hooks placed before are taken off."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def enable_input_require_grads() -> None:
-        def requires_grad(module, inputs, output):
-            output.requires_grad_(True)
+    def requires_grad(module, inputs, output):
+        output.requires_grad_(True)
 
-        modules = [base, *trained_towers(base)]
-        hooks = []
-        for module in modules:
-            try:
-                embeddings = module.get_input_embeddings()
-            except (AttributeError, NotImplementedError):
-                continue
-            if embeddings is not None:
-                hooks.append(embeddings.register_forward_hook(requires_grad))
+    def input_embeddings(module):
+        try:
+            return module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+
+    def enable_input_require_grads() -> None:
+        for hook in getattr(base, "_require_grads_hooks", None) or []:
+            hook.remove()
+        found = (input_embeddings(m) for m in (base, *trained_towers(base)))
+        hooks = [e.register_forward_hook(requires_grad) for e in found if e is not None]
         base._require_grads_hooks = hooks
         if hooks:
             base._require_grads_hook = hooks[0]
 
+    if getattr(base.enable_input_require_grads, "__func__", None) is None:
+        return  # installed already
+    # transformers' own hooks have no handle left once replaced: found by their function's name
+    for tower in (base.get_submodule(n) for n in part_names(base, VLM_VISION)):
+        embeddings = input_embeddings(tower)
+        for key, hook in list(getattr(embeddings, "_forward_hooks", {}).items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                del embeddings._forward_hooks[key]
     base.enable_input_require_grads = enable_input_require_grads
 
 
@@ -316,7 +340,7 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
     try:
         check_takes_images(recipe.model)
         processor = load_processor(recipe.model)
-        rows, base = read_data(d.train, "data.train")
+        rows, base = read_data(d.train, "data.train", d.train_split, d.config)
         examples, stats = V.prepare(processor, rows, "data.train", base, max_length, d.on_overflow, d.train_on)
     except UserError as e:
         return e.problems, []
@@ -337,10 +361,10 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
     notes.append("the first example, trained tokens " + ("in green:" if colour else "in [[brackets]]:"))
     shown = V.show_example(processor, examples[0], colour)
     notes.append("  " + shown.rstrip("\n").replace("\n", "\n    "))
-    train_rows, _, held = hold_out(rows, recipe)
+    train_lines, _, held = hold_out(len(rows), recipe)
     if held:
         notes.append(held)
     per_row = stats["examples"] / max(1, stats["rows"])
-    _, lines = session.plan_steps(recipe, max(1, round(len(train_rows) * per_row)), max(stats["tokens"]))
+    _, lines = session.plan_steps(recipe, max(1, round(len(train_lines) * per_row)), max(stats["tokens"]))
     notes += [line.replace("training: ", "training: about ", 1) for line in lines]
     return [], notes, max(stats["tokens"]), max(stats["image_tokens"])
