@@ -112,8 +112,8 @@ def vision_dims(config) -> dict[str, int] | None:
     patch = int(first("patch_size", default=14))
     image = first("image_size")
     side = int(image) // patch if image else None
-    merge = first("spatial_merge_size")
-    if merge:
+    merge = first("spatial_merge_size") or getattr(config, "spatial_merge_size", None)  # Mistral 3: the top config
+    if isinstance(merge, int) and merge > 1:
         per_token = int(merge) ** 2
     elif isinstance(getattr(config, "scale_factor", None), int):
         per_token = config.scale_factor ** 2
