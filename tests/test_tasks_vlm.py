@@ -190,6 +190,7 @@ def held_out_accuracy(model, processor, tmp_path) -> float:
     import torch
 
     from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
     from finetune.recipe.sections import LoraSpec
     from finetune.tasks.vlm import train_vlm
 
@@ -201,8 +202,8 @@ def held_out_accuracy(model, processor, tmp_path) -> float:
     held_out = shape_rows(tmp_path, 30, 1)
     correct = 0
     for row in held_out:
-        prompt = V.render(processor, V.normalize(row, 0, "data.eval")["messages"][:1], True)
-        inputs = processor(text=[prompt], images=[V.load_image(tmp_path / row["images"][0], "data.eval")],
+        prompt = V.render(processor, R.normalize(row, 0, "data.eval")["messages"][:1], True)
+        inputs = processor(text=[prompt], images=[R.load_image(tmp_path / row["images"][0], "data.eval")],
                            add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -216,17 +217,17 @@ def held_out_accuracy(model, processor, tmp_path) -> float:
 
 
 def test_row_shapes_become_one_format(tmp_path):
-    from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
 
     (tmp_path / "a.png").write_bytes(b"")
-    trl = V.normalize({"images": ["a.png"], "messages": [
+    trl = R.normalize({"images": ["a.png"], "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "ans"}]}]}, 0, "data.train")
-    sharegpt = V.normalize({"images": ["a.png"], "conversations": [
+    sharegpt = R.normalize({"images": ["a.png"], "conversations": [
         {"from": "human", "value": "<image>q?"}, {"from": "gpt", "value": "ans"}]}, 0, "data.train")
-    vqa = V.normalize({"image": "a.png", "question": "q?", "answer": "ans"}, 0, "data.train")
+    vqa = R.normalize({"image": "a.png", "question": "q?", "answer": "ans"}, 0, "data.train")
     assert trl == sharegpt == vqa
-    caption = V.normalize({"image": "a.png", "caption": "ans"}, 0, "data.train")
+    caption = R.normalize({"image": "a.png", "caption": "ans"}, 0, "data.train")
     assert caption["messages"][0]["content"] == [{"type": "image"}]
 
 
@@ -234,6 +235,7 @@ def test_an_imagefolder_with_captions_trains_on_the_captions(tmp_path):
     """An `imagefolder` (images + metadata.jsonl with a caption column) reads as image + caption rows: the
     image is the user turn, the caption the trained answer."""
     from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
     from finetune.tasks.vlm import read_data
 
     rng = random.Random(0)
@@ -245,6 +247,9 @@ def test_an_imagefolder_with_captions_trains_on_the_captions(tmp_path):
     _, processor = tiny_llava()
     examples, stats = V.prepare(processor, rows, base=base)
     assert stats["examples"] == 3 and stats["image_sizes"] == [(16, 16)] * 3
+    assert R.mapping_notes(stats, "data.train") == [
+        "note: data.train: 3 image + caption rows read as a user turn holding the image alone and the caption as "
+        "the answer; give question + answer rows (or messages) to prompt with text"]
     answers = sorted(processor.tokenizer.decode([t for t in e["labels"] if t != -100], skip_special_tokens=True)
                      for e in examples)
     assert [a.strip() for a in answers] == sorted(f"a {COLOURS[s]} {s}." for s in SHAPES)
@@ -262,13 +267,13 @@ def test_an_imagefolder_with_captions_trains_on_the_captions(tmp_path):
     ({"picture": "a.png", "text": "x"}, "not a vision chat row"),
 ])
 def test_bad_rows_are_one_line_naming_the_row(tmp_path, monkeypatch, row, needle):
-    from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "a.png").write_bytes(b"")
     rows = [{"image": "a.png", "caption": "fine"}, row]
     with pytest.raises(UserError) as e:
-        V.read_rows(rows, "data.train", tmp_path)
+        R.read_rows(rows, "data.train", tmp_path)
     message = str(e.value)
     assert "data.train row 2" in message and needle in message and "\n" not in message
 

@@ -87,6 +87,7 @@ def trained_runs(example: dict) -> list[list[int]]:
 
 def test_gemma3_mask_trains_exactly_the_answers(tmp_path):
     from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
 
     _, processor = tiny_gemma3()
     tok = processor.tokenizer
@@ -95,7 +96,7 @@ def test_gemma3_mask_trains_exactly_the_answers(tmp_path):
     assert {boi, soft} <= V.image_token_ids(processor)
     rows = [*shape_rows(tmp_path, 1, 5), two_turns(tmp_path)]
     (one, two), _ = V.prepare(processor, rows, base=tmp_path)
-    assert V.render(processor, V.normalize(rows[1], 1, "data.train")["messages"], False).startswith(
+    assert V.render(processor, R.normalize(rows[1], 1, "data.train")["messages"], False).startswith(
         f"{tok.bos_token}<start_of_turn>user\nYou are a helpful assistant.\n\n<start_of_image>{QUESTION}")
     for example, n_images, answers in ((one, 1, ["a red circle."]), (two, 2, ["a red circle.", "a green square."])):
         ids = example["input_ids"]
@@ -260,12 +261,12 @@ def test_lora_projector_on_a_projector_without_linear_layers_is_refused():
 
 def test_generate_answers_a_batch_of_prompts_with_different_image_counts(tmp_path):
     """`finetune generate --data` batches: each prompt's images stay its own (one, two and none here)."""
-    from finetune.data import vision_chat as V
+    from finetune.data import vision_rows as R
     from finetune.use.vision import generate_batch, stop_ids
 
     model, processor = tiny_gemma3()
-    two = V.normalize(two_turns(tmp_path), 1, "--data")
-    pics = [V.load_image(tmp_path / p, "--data") for p in two["images"]]
+    two = R.normalize(two_turns(tmp_path), 1, "--data")
+    pics = [R.load_image(tmp_path / p, "--data") for p in two["images"]]
     prompts = [(two["messages"][:2], pics[:1]), (two["messages"][:4], pics), ([{"role": "user", "content": [
         {"type": "text", "text": QUESTION}]}], [])]
     answers = generate_batch(model, processor, prompts, 3, 0.0, 1.0, stop_ids(processor))

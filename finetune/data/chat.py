@@ -76,7 +76,7 @@ def is_chat(fmt: str, row: dict | None = None, spec=None) -> bool:
 def row_problems(row: dict, fmt: str, spec, where: str) -> list[str]:
     """Everything wrong with one row of data in format `fmt`, one line per problem."""
     if has_images(row):
-        from finetune.data.vision_chat import TAKES_IMAGES
+        from finetune.data.vision_rows import TAKES_IMAGES
 
         return [f"{where}: an image row (images, or image items in the messages), and this task trains on text "
                 f"only; train images with --task vlm on a vision-language model ({TAKES_IMAGES})"]

@@ -5,7 +5,7 @@
 
 Model: an image-text-to-text checkpoint (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM, ...) with its
 processor, whose chat template renders the conversations and whose image processor expands each image.
-Data: vision chat rows (finetune/data/vision_chat.py): trl's `images` + `messages`, `<image>` placeholders
+Data: vision chat rows (finetune/data/vision_rows.py; masks: vision_chat.py): trl's `images` + `messages`, `<image>` placeholders
 (ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths relative to the data file.
 Recipe fields used: model.*, data.train/eval (or data.eval_split, or data.eval_fraction held out), data.train_split,
 data.config, data.max_length (tokens with images expanded; unset: 2048),
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from finetune.data import vision_chat as V
+from finetune.data import vision_rows as R
 from finetune.errors import UserError, first_line
 from finetune.models.adapters import (VLM_PROJECTOR, VLM_VISION, apply_lora, is_adapter_dir, part_names,
                                       trained_towers)
@@ -106,7 +107,7 @@ def read_data(source: str, key: str, split: str = "train", config: str | None = 
         return rows, path.resolve().parent
     from finetune.data.sources import load_source
 
-    return [dict(r) for r in load_source(str(source), key, split, config)], V.data_base_of(str(source))
+    return [dict(r) for r in load_source(str(source), key, split, config)], R.data_base_of(str(source))
 
 
 def hold_out(rows: int, recipe: Recipe) -> tuple[list[int], list[int], str]:
@@ -132,6 +133,8 @@ def report(stats: dict, key: str, max_length: int) -> None:
     lengths = length_stats(stats["tokens"])
     print(f"{key}: {stats['rows']} rows, {stats['examples']} examples; tokens with images expanded: "
           + ", ".join(f"{k} {v:.0f}" for k, v in lengths.items() if k != "count"), flush=True)
+    for note in R.mapping_notes(stats, key):
+        print(note, flush=True)
     if stats["dropped"]:
         print(f"warning: {key}: dropped {stats['dropped']} examples longer than data.max_length={max_length} once "
               f"their images are expanded (rows {stats['dropped_rows'][:5]}); they are never cut, since a cut image "
@@ -150,7 +153,7 @@ class VisionCollator:
 
         # the images of each example in a list of their own: Gemma 3's processor reads a flat list as all one
         # example's images
-        pics = [[V.load_image(item, f"row {f.get('row', '?')}") for item in f["images"]] for f in features]
+        pics = [[R.load_image(item, f"row {f.get('row', '?')}") for item in f["images"]] for f in features]
         batch = self.processor(text=[f["text"] for f in features], images=pics if any(pics) else None, padding=True,
                                add_special_tokens=False, return_tensors="pt", padding_side="right")
         labels = torch.full_like(batch["input_ids"], -100)
@@ -186,7 +189,7 @@ def load_processor(spec, source: str | None = None):
                         "model needs its processor (tokenizer, chat template, image processor)") from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise UserError(f"model.name: '{name}' has no image processor with its tokenizer, so it does not take "
-                        f"images; use an image-text-to-text model ({V.TAKES_IMAGES})")
+                        f"images; use an image-text-to-text model ({R.TAKES_IMAGES})")
     if not processor.chat_template:
         raise UserError(f"data.chat_template: the processor of '{name}' has no chat template; use an instruct "
                         "checkpoint or give the processor a template")
@@ -200,7 +203,7 @@ def check_takes_images(spec) -> None:
     config = pretrained.load_config(spec)
     if not hasattr(config, "vision_config"):
         raise UserError(f"model.name: '{spec.name}' is a {config.model_type} model, which takes no images; "
-                        f"use an image-text-to-text model ({V.TAKES_IMAGES})")
+                        f"use an image-text-to-text model ({R.TAKES_IMAGES})")
 
 
 def load_model(recipe: Recipe):
@@ -350,7 +353,8 @@ def check(recipe: Recipe) -> tuple[list[str], list[str]] | tuple[list[str], list
     notes = [f"data.train: {stats['rows']} rows, {stats['examples']} examples, {len(stats['image_sizes'])} images",
              "tokens with images expanded: " + ", ".join(f"{k} {v:.0f}" for k, v in lengths.items() if k != "count")
              + f" (data.max_length {max_length})",
-             f"image sizes: width {widths[0]}-{widths[-1]}, height {heights[0]}-{heights[-1]}"]
+             f"image sizes: width {widths[0]}-{widths[-1]}, height {heights[0]}-{heights[-1]}",
+             *R.mapping_notes(stats, "data.train")]
     if stats["dropped"]:
         notes.append(f"{stats['dropped']} examples exceed data.max_length={max_length} with their images expanded "
                      "and will be dropped (data.on_overflow: drop)")

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from finetune.data import vision_chat as V
+from finetune.data import vision_rows as R
 from finetune.errors import UserError, first_line
 from finetune.use.inference import chat_loop, check_model_dir, for_inference, run_recipe
 
@@ -47,7 +48,7 @@ def load_vision(source: str):
                         "model needs its processor (tokenizer, chat template, image processor)") from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise UserError(f"--image: '{source}' is not a vision-language model (its processor takes no images); use "
-                        f"an image-text-to-text model ({V.TAKES_IMAGES})")
+                        f"an image-text-to-text model ({R.TAKES_IMAGES})")
     if not processor.chat_template:
         raise UserError(f"model: the processor of '{source}' has no chat template, so a question cannot be rendered "
                         "as in training; give the processor a template")
@@ -118,7 +119,7 @@ def generate_images(source: str, prompt: str, images: list[str], max_new_tokens:
 
     files = image_files(images)
     model, processor = load_vision(source)
-    pics = [V.load_image(f, f"--image '{f}'") for f in files]
+    pics = [R.load_image(f, f"--image '{f}'") for f in files]
     content = [{"type": "image"} for _ in pics] + ([{"type": "text", "text": prompt}] if prompt else [])
     if not content:
         raise UserError("prompt: empty and no --image; give a question or an image")
@@ -135,17 +136,17 @@ def prompt_row(row: dict, r: int, key: str) -> dict:
         raise UserError(f"{key} row {r}: not a JSON object")
     row = dict(row)
     turns = row.pop("messages", row.pop("conversations", None))
-    answer = {"role": "assistant", "content": "."}  # stands in for the answer V.normalize asks of training rows
+    answer = {"role": "assistant", "content": "."}  # stands in for the answer R.normalize asks of training rows
     if isinstance(turns, list) and turns:
         last = turns[-1]
-        if isinstance(last, dict) and V.ROLES.get(str(last.get("role", last.get("from")))) == "assistant":
+        if isinstance(last, dict) and R.ROLES.get(str(last.get("role", last.get("from")))) == "assistant":
             turns = turns[:-1]
         row["messages"] = [*turns, answer]
     elif turns is not None:
         row["messages"] = turns
     elif row.get("image") is not None:
         row["answer" if isinstance(row.get("question"), str) else "caption"] = "."
-    example = V.normalize(row, r, key)
+    example = R.normalize(row, r, key)
     messages = example["messages"][:-1]
     if not messages or messages[-1]["role"] != "user":
         raise UserError(f"{key} row {r}: no user turn to answer; end each row with the user's question")
@@ -178,7 +179,7 @@ def generate_image_file(source: str, data: Path, output: Path, batch_size: int, 
     prompts = []
     for r, row in enumerate(rows, 1):  # numbered as the lines of a .jsonl file
         p = prompt_row(row, r, "--data")
-        p["images"] = [V.check_image(item, f"--data row {r}, images[{j}]", base) for j, item in enumerate(p["images"])]
+        p["images"] = [R.check_image(item, f"--data row {r}, images[{j}]", base) for j, item in enumerate(p["images"])]
         prompts.append(p)
     model, processor = load_vision(source)
     stops = stop_ids(processor)
@@ -186,7 +187,7 @@ def generate_image_file(source: str, data: Path, output: Path, batch_size: int, 
     answers: list[list[int]] = []
     start = time.perf_counter()
     for b in range(0, len(prompts), batch_size):
-        chunk = [(p["messages"], [V.load_image(item, f"--data row {b + k + 1}") for item in p["images"]])
+        chunk = [(p["messages"], [R.load_image(item, f"--data row {b + k + 1}") for item in p["images"]])
                  for k, p in enumerate(prompts[b:b + batch_size])]
         answers += generate_batch(model, processor, chunk, max_new_tokens, temperature, top_p, stops)
     seconds = time.perf_counter() - start
@@ -225,7 +226,7 @@ def vision_chat_session(source: str, max_new_tokens: int, temperature: float, to
             write(f"(/image: no such file '{path}'; give the path of an image file)")
             return True
         try:
-            pending.append(V.load_image(str(Path(path).expanduser()), f"/image '{path}'"))
+            pending.append(R.load_image(str(Path(path).expanduser()), f"/image '{path}'"))
         except UserError as e:
             write(f"({e.problems[0]})")
             return True
