@@ -5,8 +5,9 @@
 
 Model: an image-text-to-text checkpoint (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM, ...) with its
 processor, whose chat template renders the conversations and whose image processor expands each image.
-Data: vision chat rows (finetune/data/vision_rows.py; masks: vision_chat.py): trl's `images` + `messages`, `<image>` placeholders
-(ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths relative to the data file.
+Data: vision chat rows (finetune/data/vision_rows.py; masks: vision_chat.py): trl's `images` + `messages`,
+`<image>` placeholders (ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths
+relative to the data file.
 Recipe fields used: model.*, data.train/eval (or data.eval_split, or data.eval_fraction held out), data.train_split,
 data.config, data.max_length (tokens with images expanded; unset: 2048),
 data.on_overflow (drop|error), data.train_on, lora.* (lora.vision, lora.projector), train.*.
