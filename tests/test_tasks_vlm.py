@@ -915,3 +915,40 @@ def test_a_frozen_tower_runs_no_backward_under_gradient_checkpointing(tmp_path):
         assert graphs and set(graphs) == {vision}
         assert any("language_model" in n for n in moved)
         assert any("vision_tower" in n for n in moved) == vision
+
+
+# ---------------------------------------------------------------------------------------
+# The run lifecycle: a vlm run stopped by SIGTERM resumes to the same adapter
+
+
+def test_a_vlm_run_stopped_by_sigterm_resumes_bit_exact(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from test_run_lifecycle import at_step, sigterm
+
+    from finetune.errors import Stopped
+    from finetune.recipe.load import load_recipe
+    from finetune.run.lifecycle import execute, resolve
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    data = tmp_path / "shapes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in shape_rows(tmp_path, 16, 0)))
+
+    def recipe(out):
+        return load_recipe(None, {"method": "lora", "task": "vlm", "model.name": str(tmp_path / "llava"),
+                                  "data.train": str(data), "train.output_dir": str(out), "train.max_steps": 6,
+                                  "train.save_steps": 2, "train.batch_size": 4, "data.eval_fraction": 0})
+
+    execute(recipe(tmp_path / "whole"))
+    with pytest.raises(Stopped) as stopped:
+        execute(recipe(tmp_path / "stopped"), callbacks=[at_step(4, sigterm)])
+    saved = tmp_path / "stopped" / "checkpoints" / "checkpoint-4"
+    assert stopped.value.lines[0] == f"interrupted at step 4: saved {saved}"
+    capsys.readouterr()
+    resumed = resolve(None, None, {"train.output_dir": str(tmp_path / "stopped")}, None, resume=True)
+    assert execute(resumed, resume=True)["steps"] == 6
+    assert "resuming from checkpoint-4 (step 4)" in capsys.readouterr().out
+    whole, again = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "stopped"))
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
