@@ -619,11 +619,31 @@ def test_models_and_data_that_cannot_train_images_are_refused_in_one_line(tiny_g
         "processor_config.json); a vision-language model needs its processor (tokenizer, chat template, image "
         "processor): save it beside the weights (processor.save_pretrained) or copy those files from the base "
         "checkpoint")
+    # a Qwen2-VL checkpoint as published: its video processor needs torchvision, which this machine lacks
+    model, processor = tiny_qwen2_vl()
+    real = tmp_path / "qwen2-vl"
+    model.save_pretrained(real)
+    processor.image_processor.save_pretrained(real)
+    processor.tokenizer.save_pretrained(real)
+    (real / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
+    (real / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    (real / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type":
+                                                                     "Qwen2VLVideoProcessor"}))
+    code, _, stderr = invoke("lora", "--task", "vlm", "--model", real, "--data", data, "-o", tmp_path / "d")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        import torch
+
+        assert code == 2 and stderr.strip() == (
+            f"error: model.name: the processor of '{real}' needs a package that is not installed "
+            "(Qwen2VLVideoProcessor requires the Torchvision library but it was not found in your environment); "
+            f"install it (torchvision: the build that matches torch {torch.__version__.split('+')[0]})")
     code, _, stderr = invoke("lora", "--model", tiny_gpt, "--data", data, "-o", tmp_path / "c")
     assert code == 2 and stderr.splitlines()[0] == (
         "error: data.train row 1: an image row (images, or image items in the messages), and this task trains on "
         f"text only; train images with --task vlm on a vision-language model ({takes})")
-    assert not any((tmp_path / d).exists() for d in "abc")
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 # ---------------------------------------------------------------------------------------

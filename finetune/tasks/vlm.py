@@ -185,6 +185,12 @@ def load_processor(spec, source: str | None = None):
                         "those files from the base checkpoint")
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
+    except ImportError as e:  # Qwen2-VL's video processor, say, needs torchvision even for image-only data
+        import torch
+
+        raise UserError(f"model.name: the processor of '{name}' needs a package that is not installed "
+                        f"({first_line(e).split('. ')[0]}); install it (torchvision: the build that matches torch "
+                        f"{torch.__version__.split('+')[0]})") from e
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"model.name: could not load a processor from '{name}': {first_line(e)}; a vision-language "
                         "model needs its processor (tokenizer, chat template, image processor)") from e
