@@ -43,9 +43,10 @@ def load_vision(source: str):
 
     try:
         processor = AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"--image: could not load a processor from '{source}' ({first_line(e)}); a vision-language "
-                        "model needs its processor (tokenizer, chat template, image processor)") from e
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:  # ImportError: torchvision, say
+        raise UserError(f"--image: could not load a processor from '{source}' ({first_line(e).split('. ')[0]}); a "
+                        "vision-language model needs its processor (tokenizer, chat template, image processor) and "
+                        "the packages it names") from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise UserError(f"--image: '{source}' is not a vision-language model (its processor takes no images); use "
                         f"an image-text-to-text model ({R.TAKES_IMAGES})")
