@@ -257,6 +257,14 @@ def test_lora_projector_on_a_projector_without_linear_layers_is_refused():
     assert str(e.value) == ("lora.projector: this gemma3 model's projector (model.multi_modal_projector) has no linear "
                             "layer for an adapter; drop lora.projector, or train it in full with "
                             "lora.modules_to_save=[multi_modal_projector]")
+    # what the message proposes: the projector trains in full beside the language model's adapters
+    from finetune.recipe.sections import LoraSpec
+    from finetune.tasks.vlm import with_lora
+
+    peft_model = with_lora(model, LoraSpec(r=4, alpha=8, modules_to_save=["multi_modal_projector"]))
+    full = {n.rsplit("default.", 1)[-1] for n, p in peft_model.named_parameters() if p.requires_grad
+            and "lora_" not in n}
+    assert full == {"mm_input_projection_weight", "mm_soft_emb_norm.weight"}
 
 
 def test_generate_answers_a_batch_of_prompts_with_different_image_counts(tmp_path):
