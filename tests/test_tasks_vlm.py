@@ -529,6 +529,42 @@ def shapes_run(tmp_path_factory):
     return run, tmp_path
 
 
+def caption_folder(folder, n: int, seed: int) -> None:
+    """An imagefolder of shape images with a metadata.jsonl of their captions."""
+    rng = random.Random(seed)
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as f:
+        for k in range(n):
+            shape = SHAPES[k % len(SHAPES)]
+            draw(shape, rng).save(folder / f"{k}.png")
+            f.write(json.dumps({"file_name": f"{k}.png", "caption": f"a {COLOURS[shape]} {shape}."}) + "\n")
+
+
+def test_caption_with_a_vlm_run_trained_on_captions(tmp_path):
+    """`finetune caption` on a vlm run trained on an imagefolder of captions: each image alone is the prompt,
+    as the caption rows trained it; held-out images get their captions, the references beside them."""
+    from conftest import invoke
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    caption_folder(tmp_path / "train", 60, 0)
+    caption_folder(tmp_path / "held", 15, 1)
+    settings = ["train.epochs=8", "train.batch_size=6", "train.learning_rate=1e-2", "train.scheduler=constant",
+                "train.warmup=0", "train.fit_memory=false", "data.eval_fraction=0", "lora.r=16", "lora.alpha=32"]
+    code, stdout, stderr = invoke("lora", "--task", "vlm", "--model", tmp_path / "llava", "--data", tmp_path / "train",
+                                  "-o", tmp_path / "run", *[a for s in settings for a in ("--set", s)])
+    assert code == 0, stdout + stderr
+    assert "note: data.train: 60 image + caption rows read as a user turn holding the image alone" in stdout
+    code, stdout, stderr = invoke("caption", tmp_path / "run", "--data", tmp_path / "held", "-o", tmp_path / "c.jsonl")
+    assert code == 0, stdout + stderr
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and all(r["reference"].startswith("a ") for r in rows)
+    assert sum(r["caption"] == r["reference"] for r in rows) >= 12
+    code, stdout, stderr = invoke("caption", tmp_path / "run", tmp_path / "held" / "0.png")
+    assert code == 0 and stdout.strip() == rows[0]["caption"]
+
+
 def test_generate_answers_held_out_images_of_a_vlm_run(shapes_run):
     from conftest import invoke
 

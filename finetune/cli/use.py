@@ -270,23 +270,32 @@ def translate(
 
 
 def caption(
-    run: Annotated[str, typer.Argument(help="A captioning run directory (or a merged model directory).")],
+    run: Annotated[str, typer.Argument(help="A captioning or vision-language run directory (or a merged model "
+                                            "directory).")],
     images: Annotated[Optional[list[str]], typer.Argument(help="Image files.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="An image folder, or a file with an image "
                                                                      "column, instead.")] = None,
     output: OutFileOpt = None, num_beams: BeamsOpt = None, max_length: MaxLenOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Caption images with a trained captioning run.
+    """Caption images with a trained captioning run, or a vision-language run trained on captions (each image
+    alone as the prompt, as `image` + `caption` rows train it).
 
     Example: finetune caption runs/vit-gpt2-captions photo.png
     """
 
     def body():
         env_defaults()
-        from finetune.tasks.captioning import caption as run_caption
+        from finetune.use.vision import caption_images, is_vision_run
 
-        rows = run_caption(Path(run), images, data, num_beams, max_length)
+        if is_vision_run(run):
+            if num_beams:
+                raise UserError("--num-beams: a vision-language run captions greedily; drop --num-beams")
+            rows = caption_images(run, images, data, max_length or 64)
+        else:
+            from finetune.tasks.captioning import caption as run_caption
+
+            rows = run_caption(Path(run), images, data, num_beams, max_length)
         if not output:
             for row in rows:
                 typer.echo(f"{row['image']}\t{row['caption']}" if len(rows) > 1 else row["caption"])

@@ -130,6 +130,29 @@ def generate_images(source: str, prompt: str, images: list[str], max_new_tokens:
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+def caption_images(source: str, inputs: list[str] | None, data: str | None, max_new_tokens: int = 64,
+                   batch_size: int = 16) -> list[dict]:
+    """`finetune caption` for a vision-language run: each image alone as the user turn, as `image` + `caption`
+    rows train it. One dict per image: image, caption, and the reference when `data` has a caption column."""
+    from finetune.data.images import item_name, open_image, prediction_inputs, resolve
+
+    items, rows, base = prediction_inputs(inputs, data, "image")
+    model, processor = load_vision(source)
+    stops, turn = stop_ids(processor), [{"role": "user", "content": [{"type": "image"}]}]
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        pics = [open_image(item, "image" if inputs else "--data", base) for item in chunk]
+        answers = generate_batch(model, processor, [(turn, [p]) for p in pics], max_new_tokens, 0.0, 1.0, stops)
+        for item, row, new in zip(chunk, rows[start:start + batch_size], answers):
+            result = {"image": item_name(resolve(item, base)),
+                      "caption": processor.tokenizer.decode(new, skip_special_tokens=True).strip()}
+            if "caption" in row:
+                result["reference"] = row["caption"]
+            out.append(result)
+    return out
+
+
 def prompt_row(row: dict, r: int, key: str) -> dict:
     """A data row in any shape training reads, as {"messages", "images"} ending in a user turn: a trailing
     assistant turn (the answer, when the file is training data) is dropped."""
