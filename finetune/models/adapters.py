@@ -243,6 +243,7 @@ def named_targets(model, targets: str, layers: list[int]) -> list[str]:
         head = model.get_output_embeddings()
         heads = {n for n, m in model.named_modules() if m is head}
         return sorted({n.rsplit(".", 1)[-1] for n in linear if n not in heads})
+
     def layer(name: str) -> int | None:
         found = re.search(r"\.(\d+)\.", name)  # peft's default layers pattern: the first index in the name
         return int(found.group(1)) if found else None

@@ -42,7 +42,6 @@ class Estimate:
     notes: list[str]
     process: float = 0.0  # on CPU: the process itself (Python, torch, libraries, data), resident before the model
     vision: float = 0.0  # vision-language models: the pixels, and the vision tower's activations when it trains
-    vision_note: str = ""
 
     @property
     def tensors(self) -> float:

@@ -8,9 +8,9 @@ processor, whose chat template renders the conversations and whose image process
 Data: vision chat rows (finetune/data/vision_rows.py; masks: vision_chat.py): trl's `images` + `messages`,
 `<image>` placeholders (ShareGPT), or `image` + `question` + `answer` / `image` + `caption`; image paths
 relative to the data file.
-Recipe fields used: model.*, data.train/eval (or data.eval_split, or data.eval_fraction held out), data.train_split,
-data.config, data.max_length (tokens with images expanded; unset: 2048),
-data.on_overflow (drop|error), data.train_on, lora.* (lora.vision, lora.projector), train.*.
+Recipe fields used: model.*, data.train/eval (or data.eval_split, or data.eval_fraction held out),
+data.train_split, data.config, data.max_length (tokens with images expanded; unset: 2048), data.on_overflow
+(drop|error), data.train_on, lora.* (lora.vision, lora.projector), train.*.
 With LoRA the language model's linear layers get adapters; the vision tower and the projector stay frozen
 unless lora.vision / lora.projector add them.
 """
@@ -122,8 +122,8 @@ def hold_out(rows: int, recipe: Recipe) -> tuple[list[int], list[int], str]:
     if d.eval or d.eval_split or d.eval_fraction <= 0 or rows < 4:
         return every, [], ""
     n = min(rows - 1, max(1, round(rows * d.eval_fraction)))
-    held = sorted(random.Random(recipe.train.seed).sample(every, n))
-    return ([i for i in every if i not in set(held)], held,
+    held = set(random.Random(recipe.train.seed).sample(every, n))
+    return ([i for i in every if i not in held], sorted(held),
             f"data.eval: {n} of the {rows} rows of data.train held out for evaluation (data.eval_fraction "
             f"{d.eval_fraction:g}; data.eval names a file instead, data.eval_fraction=0 trains on all)")
 

@@ -18,6 +18,7 @@ from finetune.data import vision_rows as R
 from finetune.errors import UserError, first_line
 from finetune.use.inference import chat_loop, check_model_dir, for_inference, run_recipe
 
+
 def is_vision_run(source: str) -> bool:
     """A run directory trained with the vlm task, or a model folder (a merged run) whose config has a vision
     tower: read from the recipe or the config, without loading the model."""
@@ -100,8 +101,7 @@ def generate_batch(model, processor, prompts: list[tuple[list[dict], list]], max
     texts = [V.render(processor, messages, True) for messages, _ in prompts]
     pics = [list(images) for _, images in prompts]  # per example (a flat list is one example's to Gemma 3)
     batch = processor(text=texts, images=pics if any(pics) else None, padding=True, padding_side="left",
-                      add_special_tokens=False,
-                      return_tensors="pt").to(model.device)
+                      add_special_tokens=False, return_tensors="pt").to(model.device)
     sample = temperature > 0
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
