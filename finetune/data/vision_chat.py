@@ -17,10 +17,56 @@ from typing import Any
 
 from finetune.data.masks import NotPrefix, trim_after_end_of_turn, trains
 from finetune.data.templates import special_ids
-from finetune.data.vision_rows import load_image, mapped_rows, read_rows
+from finetune.data.vision_rows import TAKES_IMAGES, load_image, mapped_rows, read_rows
 from finetune.errors import UserError, first_line
 
 OVERFLOW = ("drop", "error")
+
+
+# ---------------------------------------------------------------------------------------
+# The processor
+
+
+def load_processor(name: str, key: str, trust_remote_code: bool = False):
+    """A vision-language model's processor (tokenizer, chat template, image processor), for training and for
+    using a run alike; what it lacks is one line naming `key`."""
+    from transformers import AutoProcessor
+
+    folder = Path(str(name)).expanduser()
+    if is_vision_folder(folder) and not any((folder / f).is_file() for f in ("preprocessor_config.json",
+                                                                              "processor_config.json")):
+        raise UserError(f"{key}: '{name}' has no processor files (preprocessor_config.json or "
+                        "processor_config.json); a vision-language model needs its processor (tokenizer, chat "
+                        "template, image processor): save it beside the weights (processor.save_pretrained) or copy "
+                        "those files from the base checkpoint")
+    try:
+        processor = AutoProcessor.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except ImportError as e:  # Qwen2-VL's video processor, say, needs torchvision even for image-only data
+        import torch
+
+        raise UserError(f"{key}: the processor of '{name}' needs a package that is not installed "
+                        f"({first_line(e).split('. ')[0]}); install it (torchvision: the build that matches torch "
+                        f"{torch.__version__.split('+')[0]})") from e
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{key}: could not load a processor from '{name}': {first_line(e)}; a vision-language "
+                        "model needs its processor (tokenizer, chat template, image processor)") from e
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise UserError(f"{key}: '{name}' is not a vision-language model (its processor takes no images); use an "
+                        f"image-text-to-text model ({TAKES_IMAGES})")
+    if not processor.chat_template:
+        raise UserError(f"data.chat_template: the processor of '{name}' has no chat template; use an instruct "
+                        "checkpoint or give the processor a template")
+    return processor
+
+
+def is_vision_folder(folder: Path) -> bool:
+    """A model folder whose config.json has a vision tower."""
+    import json
+
+    try:
+        return "vision_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------

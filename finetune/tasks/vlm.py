@@ -172,35 +172,9 @@ class VisionCollator:
 # Model
 
 
-def load_processor(spec, source: str | None = None):
-    from transformers import AutoProcessor
-
-    name = source or spec.name
-    folder = Path(str(name)).expanduser()
-    if folder.is_dir() and not any((folder / f).is_file() for f in ("preprocessor_config.json",
-                                                                      "processor_config.json")):
-        raise UserError(f"model.name: '{name}' has no processor files (preprocessor_config.json or "
-                        "processor_config.json); a vision-language model needs its processor (tokenizer, chat "
-                        "template, image processor): save it beside the weights (processor.save_pretrained) or copy "
-                        "those files from the base checkpoint")
-    try:
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
-    except ImportError as e:  # Qwen2-VL's video processor, say, needs torchvision even for image-only data
-        import torch
-
-        raise UserError(f"model.name: the processor of '{name}' needs a package that is not installed "
-                        f"({first_line(e).split('. ')[0]}); install it (torchvision: the build that matches torch "
-                        f"{torch.__version__.split('+')[0]})") from e
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"model.name: could not load a processor from '{name}': {first_line(e)}; a vision-language "
-                        "model needs its processor (tokenizer, chat template, image processor)") from e
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise UserError(f"model.name: '{name}' has no image processor with its tokenizer, so it does not take "
-                        f"images; use an image-text-to-text model ({R.TAKES_IMAGES})")
-    if not processor.chat_template:
-        raise UserError(f"data.chat_template: the processor of '{name}' has no chat template; use an instruct "
-                        "checkpoint or give the processor a template")
-    return processor
+def load_processor(spec):
+    """The model's processor (finetune.data.vision_chat.load_processor), refusals naming model.name."""
+    return V.load_processor(spec.name, "model.name", spec.trust_remote_code)
 
 
 def check_takes_images(spec) -> None:

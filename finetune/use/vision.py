@@ -26,10 +26,7 @@ def is_vision_run(source: str) -> bool:
     if (path / "recipe.yaml").is_file():
         recipe = run_recipe(path)
         return recipe is not None and recipe.task == "vlm"
-    try:
-        return "vision_config" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    return V.is_vision_folder(path)
 
 
 def load_vision(source: str):
@@ -40,20 +37,7 @@ def load_vision(source: str):
     if recipe is not None and recipe.task != "vlm":
         raise UserError(f"--image: '{source}' is a {recipe.task} run, which takes no images; give images to a "
                         "vision-language run (finetune lora --task vlm) or drop --image")
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:  # ImportError: torchvision, say
-        raise UserError(f"--image: could not load a processor from '{source}' ({first_line(e).split('. ')[0]}); a "
-                        "vision-language model needs its processor (tokenizer, chat template, image processor) and "
-                        "the packages it names") from e
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise UserError(f"--image: '{source}' is not a vision-language model (its processor takes no images); use "
-                        f"an image-text-to-text model ({R.TAKES_IMAGES})")
-    if not processor.chat_template:
-        raise UserError(f"model: the processor of '{source}' has no chat template, so a question cannot be rendered "
-                        "as in training; give the processor a template")
+    processor = V.load_processor(source, "--image")
     from finetune.recipe.tasks import load_task
 
     model = for_inference(load_task("vlm").load_trained(path))
