@@ -186,6 +186,37 @@ def check_reload_and_merge(model, peft_model, processor, tmp_path) -> None:
         assert torch.allclose(reloaded.merge_and_unload()(**batch).logits, want, atol=1e-4)
 
 
+def trained_runs(example: dict) -> list[list[int]]:
+    """The contiguous spans of trained tokens of an example (each label is the token itself)."""
+    runs, current = [], []
+    for t, lab in zip(example["input_ids"], example["labels"]):
+        if lab != -100:
+            assert lab == t
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def padded_batch(model, processor, example: dict, tmp_path):
+    """The collator's batch of `example` and a shorter one-image example: the first row's labels are its own, the
+    short row's padding carries no loss, and the model takes the batch."""
+    import torch
+
+    from finetune.data import vision_chat as V
+    from finetune.tasks.vlm import VisionCollator
+
+    short = V.prepare(processor, shape_rows(tmp_path, 1, 5), base=tmp_path)[0][0]
+    batch = VisionCollator(processor)([example, short])
+    assert batch["labels"][0].tolist() == example["labels"]
+    row = batch["labels"][1].tolist()
+    assert row[:len(short["labels"])] == short["labels"] and set(row[len(short["labels"]):]) == {-100}
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    return batch, short
+
+
 def held_out_accuracy(model, processor, tmp_path) -> float:
     """LoRA on the language model alone trained on 60 shape images (8 epochs); the share of 30 held-out images
     answered exactly, greedily."""
@@ -286,7 +317,6 @@ def test_bad_rows_are_one_line_naming_the_row(tmp_path, monkeypatch, row, needle
 
 def test_mask_trains_exactly_the_answers(family, tmp_path):
     from finetune.data import vision_chat as V
-    from finetune.tasks.vlm import VisionCollator
 
     name, model, processor = family
     tok = processor.tokenizer
@@ -298,15 +328,7 @@ def test_mask_trains_exactly_the_answers(family, tmp_path):
     trained = [j for j, lab in enumerate(labels) if lab != -100]
     assert all(labels[j] == ids[j] for j in trained)
     assert not any(ids[j] in image_ids for j in trained)
-    runs, current = [], []  # contiguous trained spans
-    for j in range(len(ids)):
-        if labels[j] != -100:
-            current.append(ids[j])
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
+    runs = trained_runs(example)
     end = "<|im_end|>" if name == "qwen2_vl" else tok.eos_token
     assert [tok.decode(r) for r in runs] == [f"{a}{end}" for a in (
         "a red circle.", "a green square.")] if name == "qwen2_vl" else [f" {a}{end}" for a in (
@@ -315,16 +337,8 @@ def test_mask_trains_exactly_the_answers(family, tmp_path):
     assert QUESTION in untrained and "circle" not in untrained and "square" not in untrained
 
     # the collator pads to the longest, and neither padding nor the second row's prompt carries loss
-    short = V.prepare(processor, shape_rows(tmp_path, 1, 5), base=tmp_path)[0][0]
-    batch = VisionCollator(processor)([example, short])
-    assert batch["labels"][0].tolist() == labels
-    row = batch["labels"][1].tolist()
-    assert row[:len(short["labels"])] == short["labels"] and set(row[len(short["labels"]):]) == {-100}
+    batch, short = padded_batch(model, processor, example, tmp_path)
     assert (batch["attention_mask"][1] == 0).sum() == len(ids) - len(short["input_ids"])
-    import torch
-
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)
 
 
 def test_template_that_breaks_the_prefix_property_is_expanded_or_refused(tmp_path):
@@ -726,10 +740,7 @@ def tiny_idefics3(split: bool = False):
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 def test_idefics3_mask_trains_exactly_the_answers_never_the_image_frames(split, tmp_path):
-    import torch
-
     from finetune.data import vision_chat as V
-    from finetune.tasks.vlm import VisionCollator
 
     model, processor = tiny_idefics3(split)
     tok = processor.tokenizer
@@ -744,26 +755,13 @@ def test_idefics3_mask_trains_exactly_the_answers_never_the_image_frames(split, 
     assert tokens.count("<image>") == 2 * tiles * 16 and tokens.count("<global-img>") == 2
     assert tokens.count("<fake_token_around_image>") == 2 * (tiles + 1)
     assert sum(t.startswith("<row_") for t in tokens) == (8 if split else 0)
-    runs, current = [], []
-    for t, lab in zip(ids, labels):
-        if lab != -100:
-            assert lab == t and t not in image_ids
-            current.append(t)
-        elif current:
-            runs.append(current)
-            current = []
-    assert not current and [tok.decode(r) for r in runs] == [" a red circle.<end_of_utterance>",
-                                                             " a green square.<end_of_utterance>"]
+    runs = trained_runs(example)
+    assert labels[-1] == -100 and not any(t in image_ids for r in runs for t in r)
+    assert [tok.decode(r) for r in runs] == [" a red circle.<end_of_utterance>", " a green square.<end_of_utterance>"]
     untrained = tok.decode([t for t, lab in zip(ids, labels) if lab == -100 and t not in image_ids])
     assert QUESTION in untrained and "circle" not in untrained and "square" not in untrained
 
-    short = V.prepare(processor, shape_rows(tmp_path, 1, 5), base=tmp_path)[0][0]
-    batch = VisionCollator(processor)([example, short])
-    assert batch["labels"][0].tolist() == labels
-    row = batch["labels"][1].tolist()
-    assert row[:len(short["labels"])] == short["labels"] and set(row[len(short["labels"]):]) == {-100}
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)
+    padded_batch(model, processor, example, tmp_path)
 
 
 def test_idefics3_lora_targets_the_text_model_and_reloads(tmp_path):
@@ -848,8 +846,8 @@ def test_qlora_quantises_the_language_model_and_keeps_the_vision_tower_in_16_bit
     with (data / "shapes.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in shape_rows(data, 8, seed=0))
     code, stdout, stderr = invoke("lora", "--task", "vlm", "--model", base, "--data", data / "shapes.jsonl", "-o",
-                                  tmp_path / "run", "--quant", "4bit", "--max-steps", "2", "--set", "train.batch_size=4",
-                                  "--set", "data.max_length=64")
+                                  tmp_path / "run", "--quant", "4bit", "--max-steps", "2",
+                                  "--set", "train.batch_size=4", "--set", "data.max_length=64")
     assert code == 0, stdout + stderr
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_tasks_vlm import QUESTION, check_reload_and_merge, held_out_accuracy, shape_rows, tokenizer_with, two_turns
+from test_tasks_vlm import (QUESTION, check_reload_and_merge, held_out_accuracy, shape_rows, tokenizer_with,
+                            trained_runs, two_turns)
 
 # Gemma 3's template: the system turn folded into the first user turn, the assistant called `model`, texts
 # trimmed, each image written as the processor's boi token
@@ -66,19 +67,6 @@ def tiny_gemma3():
     with torch.no_grad():  # Gemma 3 initialises its projector to zeros (a model built from its config is blind)
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, PROJECTOR_STD)
     return model, processor
-
-
-def trained_runs(example: dict) -> list[list[int]]:
-    """The contiguous spans of trained tokens of an example."""
-    runs, current = [], []
-    for t, lab in zip(example["input_ids"], example["labels"]):
-        if lab != -100:
-            assert lab == t
-            current.append(t)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 # ---------------------------------------------------------------------------------------

@@ -147,6 +147,16 @@ def read_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """The first `n` tokens llama.cpp generates greedily after `ids`."""
+    got = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        got.append(t)
+        if len(got) == n:
+            break
+    return got
+
+
 def float16_bound(model, tok, prompts=PROMPTS) -> float:
     """How far the logits move when the weight matrices are rounded to float16 (an F16 GGUF keeps vectors, the
     norms and biases, in float32, as llama.cpp does): what an F16 file may differ by."""
@@ -355,12 +365,7 @@ def test_llama_cpp_loads_the_file_and_generates_what_transformers_does(arch, fol
             for prompt, want in zip(PROMPTS, expected):
                 ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
                 assert ids == tok(prompt)["input_ids"]
-                got = []
-                for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                    got.append(t)
-                    if len(got) == len(want) - len(ids):
-                        break
-                assert ids + got == want, (quant, prompt)
+                assert ids + llama_greedy(llm, ids, len(want) - len(ids)) == want, (quant, prompt)
         finally:
             llm.close()
     k = ex.export(folders[arch], "gguf", tmp_path / "m.q4_k_m.gguf", "q4_k_m")["path"]
@@ -416,12 +421,7 @@ def test_smollm2_run_exports_to_f16_and_q8_0(smollm2_run, tmp_path):
         for prompt, want in zip(prompts, expected):
             ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
             assert ids == tok(prompt)["input_ids"]
-            got = []
-            for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                got.append(t)
-                if len(got) == 16:
-                    break
-            assert ids + got == want, prompt
+            assert ids + llama_greedy(llm, ids, 16) == want, prompt
     finally:
         llm.close()
     # ... and its own quantizer, from an F32 file, writes exactly the tensors gguf_writer does
